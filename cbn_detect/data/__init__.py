@@ -1,0 +1,1 @@
+"""VOC-format datasets (real and synthetic), their transforms and loaders."""

@@ -1,0 +1,135 @@
+"""Datasets and loaders from the ``data`` config group."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
+
+from cbn_detect.data.ssd_transforms import ssd_train_transforms
+from cbn_detect.data.synthetic import SYNTHETIC_CLASSES, ensure_synthetic_voc
+from cbn_detect.data.transforms import test_transforms, train_transforms
+from cbn_detect.data.voc import VOCDataset
+from cbn_detect.evaluation.types import VOC_CLASSES
+
+log = logging.getLogger(__name__)
+
+
+def class_names(data_cfg: DictConfig) -> tuple[str, ...]:
+    if data_cfg.classes is not None:
+        return tuple(data_cfg.classes)
+    return tuple(SYNTHETIC_CLASSES) if data_cfg.name == "synthetic" else tuple(VOC_CLASSES)
+
+
+def dataset_root(data_cfg: DictConfig) -> Path:
+    """The folder VOCDataset reads: the synthetic cache (generated on first use) or ``data.root``."""
+    root = Path(str(data_cfg.root)).expanduser()
+    if data_cfg.name == "synthetic":
+        return ensure_synthetic_voc(root, **data_cfg.synthetic)
+    return root
+
+
+def model_train_transforms(data_cfg: DictConfig, model_cfg: DictConfig) -> v2.Compose:
+    """Each detector family trains with its own augmentation: RetinaNet flips, SSD crops and expands."""
+    augment = model_cfg.get("augment", "retinanet")
+    if augment == "ssd":
+        return ssd_train_transforms(int(model_cfg.size), float(data_cfg.hflip), list(model_cfg.image_mean))
+    if augment == "retinanet":
+        return train_transforms(float(data_cfg.hflip))
+    raise ValueError(f"model.augment={augment!r} must be 'ssd' or 'retinanet'")
+
+
+def build_dataset(data_cfg: DictConfig, train: bool, model_cfg: DictConfig | None = None) -> VOCDataset:
+    """The training split (augmented for ``model_cfg``'s family) or the test split (no augmentation:
+    detectors resize inputs themselves and map detections back to the image)."""
+    if train:
+        transforms = model_train_transforms(data_cfg, model_cfg) if model_cfg is not None else train_transforms(
+            float(data_cfg.hflip)
+        )
+    else:
+        transforms = test_transforms()
+    return VOCDataset(
+        dataset_root(data_cfg),
+        data_cfg.train_split if train else data_cfg.test_split,
+        year=str(data_cfg.year),
+        classes=class_names(data_cfg),
+        keep_difficult=not train or bool(data_cfg.keep_difficult_train),
+        transforms=transforms,
+        on_error=str(data_cfg.on_error),
+    )
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Detection batches are lists: images differ in size and the detector batches them itself.
+
+    tv_tensors are unwrapped to plain tensors, which is what torchvision's detectors expect.
+    """
+    images = [image.as_subclass(torch.Tensor) for image, _ in batch]
+    targets = []
+    for _, target in batch:
+        target = dict(target)
+        target["boxes"] = target["boxes"].as_subclass(torch.Tensor)
+        targets.append(target)
+    return images, targets
+
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can start part-way through its epoch, for a mid-epoch resume.
+
+    ``set_start`` drops the samples a checkpointed run already consumed, without loading them
+    (loading would also replay their random augmentations and shift the RNG)."""
+
+    start = 0
+
+    def set_start(self, num_samples: int) -> None:
+        self.start = num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def train_loader(dataset: Dataset, batch: int, workers: int, seed: int, world_size: int, rank: int) -> DataLoader:
+    """Shuffled by a sampler seeded with (seed, epoch), so each epoch's order is reproducible, which
+    an exact resume relies on (see ``start_epoch``). The last incomplete batch is dropped, so a
+    BatchNorm never sees a batch of one image."""
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        drop_last=True,
+        generator=torch.Generator(),
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )
+
+
+def start_epoch(loader: DataLoader, epoch: int, done_batches: int) -> None:
+    """Position the training loader at ``done_batches`` into ``epoch``.
+
+    The loader's own generator is re-seeded from (seed, epoch): creating an iterator draws the
+    workers' base seed from it, and drawing from the global RNG instead would shift the
+    augmentations of a resumed run. With ``data.workers=0`` a mid-epoch resume is bit-exact; with
+    workers it is exact at epoch boundaries (each worker's RNG has advanced over the samples it
+    already produced in the interrupted epoch).
+    """
+    sampler = loader.sampler
+    sampler.set_epoch(epoch)
+    sampler.set_start(done_batches * loader.batch_size)
+    loader.generator.manual_seed(sampler.seed * 100_003 + epoch)
+
+
+def test_loader(dataset: Dataset, batch: int, workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate)
