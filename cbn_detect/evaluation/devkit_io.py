@@ -1,0 +1,209 @@
+"""The official devkit's file formats: comp4 result files (both ways) and a split's ground truth.
+
+Result files are what makes our numbers checkable by anyone with the official devkit, so writing
+and reading them are exact inverses for everything the devkit sees: coordinates go through
+cbn_detect.boxes' VOC convention and every number is written with Python's shortest round-tripping
+repr, so the scores and VOC-convention boxes read back are bit-identical to the ones scored in
+memory (and hence the AP, score ties included). Only a continuous x1 or y1 can differ in its last
+bits, because the file holds x1 + 1 and subtracting 1 again rounds for some doubles; adding 1 gives
+back the written value exactly whenever x1 >= -0.5.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cbn_detect.boxes import voc_to_xyxy, xyxy_to_voc
+from cbn_detect.evaluation.types import Detections, GroundTruth
+
+log = logging.getLogger(__name__)
+
+LINE_FORMAT = "<image_id> <score> <xmin> <ymin> <xmax> <ymax>"
+
+
+class DevkitFormatError(ValueError):
+    """A result file (or annotation) the evaluation cannot use; names the file and line."""
+
+
+def detection_file(
+    results_dir: Path, split: str, class_name: str, prefix: str = "comp4_det"
+) -> Path:
+    """The devkit's name for one class's result file, e.g. comp4_det_test_car.txt."""
+    return Path(results_dir) / f"{prefix}_{split}_{class_name}.txt"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder and rename it into place, so a reader
+    (or an interrupted run) never sees a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_detections(
+    dets: Detections,
+    class_names: Sequence[str],
+    out_dir: Path,
+    split: str,
+    prefix: str = "comp4_det",
+) -> list[Path]:
+    """One comp4 file per class (empty ones too, so a file's absence never hides a bug), lines
+    image by image in split order and, within an image, in array order: the order that breaks
+    score ties in the devkit."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines: list[list[str]] = [[] for _ in class_names]
+    per_image = zip(dets.image_ids, dets.boxes, dets.scores, dets.labels)
+    for image_id, boxes, scores, labels in per_image:
+        if not image_id or len(image_id.split()) != 1 or image_id != image_id.strip():
+            raise ValueError(f"image id {image_id!r} cannot be written: it must be one word")
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.size and (labels.min() < 1 or labels.max() > len(class_names)):
+            raise ValueError(
+                f"image {image_id}: detection labels must lie in 1..{len(class_names)}"
+            )
+        # repr() of a Python float is the shortest text that parses back to the same double, so
+        # float64 (and float32-derived) scores and the VOC coordinates survive exactly; the
+        # devkit examples' "%f" would round scores to 6 decimals, invent ties and reorder them.
+        scores = np.asarray(scores, np.float64)
+        rows = zip(scores.tolist(), xyxy_to_voc(boxes).tolist(), labels.tolist())
+        for score, (x1, y1, x2, y2), label in rows:
+            lines[label - 1].append(f"{image_id} {score!r} {x1!r} {y1!r} {x2!r} {y2!r}\n")
+    paths = []
+    for name, class_lines in zip(class_names, lines):
+        path = detection_file(out_dir, split, name, prefix)
+        write_text_atomic(path, "".join(class_lines))
+        paths.append(path)
+    return paths
+
+
+def read_detections(
+    results_dir: Path,
+    class_names: Sequence[str],
+    split: str,
+    image_ids: Sequence[str],
+    prefix: str = "comp4_det",
+) -> Detections:
+    """Read comp4 files back, grouped per image in split order, file order kept within an image.
+
+    A missing class file means no detections for that class, as in the devkit's own runs where a
+    method skips classes.
+    """
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"{results_dir}: results directory not found")
+    index = {image_id: i for i, image_id in enumerate(image_ids)}
+    img: list[int] = []
+    labels: list[np.ndarray] = []
+    tables: list[np.ndarray] = [np.zeros((0, 5))]
+    for label, name in enumerate(class_names, start=1):
+        path = detection_file(results_dir, split, name, prefix)
+        if path.is_file():
+            file_img, file_table = _parse_result_file(path, index)
+            img += file_img
+            labels.append(np.full(len(file_img), label, dtype=np.int64))
+            tables.append(file_table)
+    if not labels:
+        log.warning("%s holds no %s_%s_<class>.txt file: no detections", results_dir, prefix, split)
+
+    img_arr = np.array(img, dtype=np.int64)
+    table = np.concatenate(tables)
+    label_arr = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+    order = np.argsort(img_arr, kind="stable")  # stable: class by class, file order within
+    bounds = np.searchsorted(img_arr[order], np.arange(1, len(image_ids)))
+    per_image = np.split(order, bounds) if image_ids else []
+    return Detections(
+        image_ids=list(image_ids),
+        boxes=[voc_to_xyxy(table[rows, 1:]) for rows in per_image],
+        scores=[table[rows, 0].copy() for rows in per_image],
+        labels=[label_arr[rows] for rows in per_image],
+    )
+
+
+def _parse_result_file(path: Path, index: dict[str, int]) -> tuple[list[int], np.ndarray]:
+    """Image indices and (score, x1, y1, x2, y2) rows of one result file, in file order."""
+    img: list[int] = []
+    rows: list[list[float]] = []
+    line_numbers: list[int] = []
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            where = f"{path}:{line_number}"
+            if len(fields) != 6:
+                raise DevkitFormatError(f"{where}: expected '{LINE_FORMAT}', got {line.strip()!r}")
+            i = index.get(fields[0])
+            if i is None:
+                raise DevkitFormatError(f"{where}: image id {fields[0]!r} is not in the split")
+            try:
+                rows.append(list(map(float, fields[1:])))
+            except ValueError:
+                raise DevkitFormatError(
+                    f"{where}: expected numbers after the image id, got {line.strip()!r}"
+                ) from None
+            img.append(i)
+            line_numbers.append(line_number)
+    table = np.array(rows, dtype=np.float64).reshape(-1, 5)
+    bad = np.flatnonzero(~np.isfinite(table).all(axis=1))
+    if bad.size:
+        raise DevkitFormatError(
+            f"{path}:{line_numbers[bad[0]]}: score and coordinates must be finite numbers"
+        )
+    return img, table
+
+
+def read_image_ids(voc_dir: Path, split: str) -> list[str]:
+    """Image ids of ImageSets/Main/<split>.txt, whitespace-separated as the devkit's textread reads
+    them."""
+    path = Path(voc_dir) / "ImageSets" / "Main" / f"{split}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: split file not found")
+    return path.read_text(encoding="utf-8").split()
+
+
+def read_ground_truth(voc_dir: Path, split: str, class_names: Sequence[str]) -> GroundTruth:
+    """The split's ground truth from Annotations/<id>.xml: each object's own box and difficult
+    flag, unclipped, in file order (the devkit breaks IoU ties by that order).
+
+    An object whose class is not in class_names is an error rather than skipped: silently
+    skipping would turn a wrong --classes into a table of classes without positives.
+    """
+    voc_dir = Path(voc_dir)
+    if not voc_dir.is_dir():
+        raise FileNotFoundError(f"{voc_dir}: VOC directory not found")
+    image_ids = read_image_ids(voc_dir, split)
+    # Imported here: cbn_detect.data.voc imports torch and imports this package's types, so a
+    # module-level import would slow every start of the CLI and create an import cycle.
+    from cbn_detect.data.voc import parse_annotation
+
+    label_of = {name: k for k, name in enumerate(class_names, start=1)}
+    gt = GroundTruth(image_ids=[], boxes=[], labels=[], difficult=[])
+    for image_id in image_ids:
+        path = voc_dir / "Annotations" / f"{image_id}.xml"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: annotation of image {image_id!r} not found")
+        objects = parse_annotation(path)["objects"]
+        unknown = sorted({o["name"] for o in objects} - label_of.keys())
+        if unknown:
+            raise DevkitFormatError(
+                f"{path}: class {', '.join(unknown)} not among the {len(class_names)} classes "
+                "scored (use --classes for datasets other than VOC)"
+            )
+        gt.image_ids.append(image_id)
+        gt.boxes.append(voc_to_xyxy(np.array([o["bbox"] for o in objects], dtype=np.float64)))
+        gt.labels.append(np.array([label_of[o["name"]] for o in objects], dtype=np.int64))
+        gt.difficult.append(np.array([o["difficult"] for o in objects], dtype=bool))
+    return gt

@@ -1,0 +1,108 @@
+"""Run a detector over a test split and score it: VOC AP (both protocols), COCO AP, devkit files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from cbn_detect.data.build import test_loader
+from cbn_detect.engine.distributed import DistInfo, gather_objects
+from cbn_detect.evaluation.coco_metrics import evaluate_coco
+from cbn_detect.evaluation.devkit_io import write_detections
+from cbn_detect.evaluation.types import Detections, GroundTruth
+from cbn_detect.evaluation.voc_ap import evaluate_voc
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> Detections:
+    """Detections for every image of the loader, in its (unshuffled) order, in image coordinates."""
+    was_training = model.training
+    model.eval()
+    image_ids: list[str] = []
+    boxes: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for images, targets in loader:
+        outputs = model([image.to(device, non_blocking=True) for image in images])
+        for target, output in zip(targets, outputs):
+            image_ids.append(str(target["image_id"]))
+            boxes.append(output["boxes"].detach().cpu().double().numpy().reshape(-1, 4))
+            scores.append(output["scores"].detach().cpu().double().numpy())
+            labels.append(output["labels"].detach().cpu().numpy().astype(np.int64))
+    model.train(was_training)
+    return Detections(image_ids=image_ids, boxes=boxes, scores=scores, labels=labels)
+
+
+def ground_truth(records: Sequence[dict[str, Any]]) -> GroundTruth:
+    return GroundTruth(
+        image_ids=[str(r["image_id"]) for r in records],
+        boxes=[np.asarray(r["boxes"], dtype=np.float64).reshape(-1, 4) for r in records],
+        labels=[np.asarray(r["labels"], dtype=np.int64) for r in records],
+        difficult=[np.asarray(r["difficult"], dtype=bool) for r in records],
+    )
+
+
+def _merge_shards(shards: Sequence[tuple[list[int], Detections]]) -> Detections:
+    """Reassemble per-process detections into dataset order (shard r holds indices r, r+W, ...)."""
+    by_index: dict[int, tuple[str, np.ndarray, np.ndarray, np.ndarray]] = {}
+    for indices, dets in shards:
+        for j, index in enumerate(indices):
+            by_index[index] = (dets.image_ids[j], dets.boxes[j], dets.scores[j], dets.labels[j])
+    ordered = [by_index[i] for i in sorted(by_index)]
+    return Detections(
+        image_ids=[o[0] for o in ordered],
+        boxes=[o[1] for o in ordered],
+        scores=[o[2] for o in ordered],
+        labels=[o[3] for o in ordered],
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    gt: GroundTruth,
+    class_names: Sequence[str],
+    device: torch.device,
+    info: DistInfo,
+    *,
+    batch: int,
+    workers: int,
+    metrics: Sequence[str],
+    coco: bool,
+    detections_dir: Path | None,
+    split: str,
+) -> dict[str, Any] | None:
+    """Scores keyed ``map_<metric>``, ``ap_per_class`` (first metric, by class) and ``coco``.
+
+    Each process predicts its shard of the test set; rank 0 gathers them back into dataset order
+    and scores the whole split, so the numbers equal a single-process evaluation. Other ranks get
+    None. ``model`` must be the bare network, not its DDP wrapper: shards may differ in length,
+    and DDP's per-forward buffer broadcast would then wait forever.
+    """
+    indices = list(range(info.rank, len(dataset), info.world_size))
+    loader = test_loader(Subset(dataset, indices), batch, workers)
+    shards = gather_objects((indices, predict(model, loader, device)), info)
+    if not info.is_main:
+        return None
+    dets = _merge_shards(shards)
+    if dets.image_ids != gt.image_ids:
+        raise RuntimeError("the test loader's image order differs from the ground truth's")
+    if detections_dir is not None:
+        write_detections(dets, class_names, detections_dir, split)
+    scores: dict[str, Any] = {}
+    for i, metric in enumerate(metrics):
+        result = evaluate_voc(gt, dets, class_names, metric=metric)
+        scores[f"map_{metric}"] = float(result.map)
+        if i == 0:
+            scores["ap_per_class"] = dict(result.ap)
+            scores["ap_metric"] = metric
+    if coco:
+        scores["coco"] = evaluate_coco(gt, dets, class_names)
+    scores["num_detections"] = int(sum(len(s) for s in dets.scores))
+    return scores

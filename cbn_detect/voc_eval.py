@@ -1,0 +1,74 @@
+"""Score devkit-format result files (ours or anyone's) against a VOC split, as the devkit would.
+
+    python -m cbn_detect.voc_eval --voc-dir .../VOCdevkit/VOC2007 --split test --results DIR \
+        [--metric voc07|area] [--json FILE] [--classes a,b,c]
+
+Prints a per-class table and the mAP; --json writes {"metric", "mAP", "ap": {class: AP}} with AP
+as fractions (null for a class without positives). A missing class file means no detections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from cbn_detect.evaluation.devkit_io import read_detections, read_ground_truth, write_text_atomic
+from cbn_detect.evaluation.types import VOC_CLASSES
+from cbn_detect.evaluation.voc_ap import METRICS, VOCResult, evaluate_voc
+
+log = logging.getLogger(__name__)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m cbn_detect.voc_eval",
+        description="Score comp4_det_<split>_<class>.txt files by the official VOC devkit's rules.",
+    )
+    parser.add_argument("--voc-dir", type=Path, required=True, help=".../VOCdevkit/VOC2007")
+    parser.add_argument("--split", default="test", help="ImageSets/Main/<split>.txt (default test)")
+    parser.add_argument("--results", type=Path, required=True, help="folder of result files")
+    parser.add_argument("--metric", choices=METRICS, default="voc07", help="default voc07")
+    parser.add_argument("--json", type=Path, help="also write the scores to this JSON file")
+    parser.add_argument(
+        "--classes",
+        type=lambda text: [c.strip() for c in text.split(",") if c.strip()],
+        default=list(VOC_CLASSES),
+        help="comma-separated class names in label order (default: the 20 VOC classes)",
+    )
+    parser.add_argument("--prefix", default="comp4_det", help="result file prefix (comp4_det)")
+    return parser.parse_args(argv)
+
+
+def format_table(result: VOCResult) -> str:
+    """Per-class AP in percent, as papers print them, then the mAP."""
+    width = max(len("class"), *(len(name) for name in result.ap))
+    lines = [f"{'class':<{width}}  {'positives':>9}  {'AP (%)':>8}"]
+    for name, ap in result.ap.items():
+        shown = f"{'n/a':>8}  (no positives)" if ap is None else f"{100 * ap:8.2f}"
+        lines.append(f"{name:<{width}}  {result.n_pos[name]:>9}  {shown}")
+    lines.append(f"{'mAP':<{width}}  {'':>9}  {100 * result.map:8.2f}  ({result.metric})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code 0 on success, 2 on a user mistake (reported on one stderr line)."""
+    args = _parse_args(argv)
+    try:
+        gt = read_ground_truth(args.voc_dir, args.split, args.classes)
+        dets = read_detections(args.results, args.classes, args.split, gt.image_ids, args.prefix)
+        result = evaluate_voc(gt, dets, args.classes, metric=args.metric)
+        print(format_table(result))
+        if args.json is not None:
+            write_text_atomic(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
+    except (OSError, ValueError) as err:
+        log.debug("voc_eval failed", exc_info=True)
+        print(f"voc_eval: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
