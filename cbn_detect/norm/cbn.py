@@ -1,0 +1,263 @@
+"""Cross-Iteration Batch Normalization (Yao et al., CVPR 2021), as its authors released it, fixed.
+
+Differences from the authors' release, all deliberate: eps inside the square root and the affine
+weight initialised to 1 (as in BatchNorm); the plain-BN phase normalizes with the biased variance
+(the release used the unbiased one); history and counters live in ``state_dict``; nothing is
+hard-coded to CUDA; derivatives come from closed forms instead of extra autograd passes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from cbn_detect.norm.cbn_math import (
+    ConvGeometry,
+    TaylorInputs,
+    WindowResult,
+    cbn_window_forward,
+    conv_geometry,
+    mean_input_patch,
+    sq_weight_grad,
+)
+from cbn_detect.norm.producer import ProducerLink
+
+log = logging.getLogger(__name__)
+
+FUSED_CHOICES = ("auto", "on", "off")
+
+
+class WindowDiag(NamedTuple):
+    """Small tensors of the latest step, turned into numbers only when diagnostics are read."""
+
+    count: Tensor
+    valid: Tensor
+    keep: Tensor
+    comp_mean: Tensor
+    delta_mean: Tensor
+
+
+@functools.cache
+def _compiled_window_forward() -> Callable[..., WindowResult]:
+    # dynamic=True: one graph serves every layer shape, instead of one recompilation per layer
+    # that would quickly exhaust dynamo's recompile limit (the window fill level is a mask).
+    return torch.compile(cbn_window_forward, dynamic=True)
+
+
+class _FusedPath:
+    """Whether ``fused="auto"`` may still use the compiled path in this process.
+
+    A machine without a working compiler toolchain for Triton/inductor should cost speed, not a
+    crashed training run: the first failure is logged and ``auto`` layers fall back for good.
+    """
+
+    usable = True
+
+    @classmethod
+    def disable(cls, err: Exception) -> None:
+        cls.usable = False
+        log.warning("CBN: torch.compile failed (%s: %s); using the reference path", type(err).__name__, err)
+
+
+class CrossIterationBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose statistics average the current batch with the last ``window - 1`` batches.
+
+    Use it when the per-process batch is too small for BN's statistics (detection from scratch at
+    1-4 images per GPU) and synchronising across processes is not wanted or not possible. Stored
+    statistics are compensated to the current conv weight by a first-order Taylor expansion
+    (``rho=1``; ``rho=0`` is naive CBN, which simply averages stale statistics).
+
+    The caller must guarantee:
+      * the layer normalizes the output of one ``nn.Conv2d`` (zero padding) and is wired to it by
+        ``convert_norm`` (or :meth:`attach`); that conv runs in training mode right before this
+        layer on every training forward (a shared conv may run several times, once per norm);
+      * exactly one training-mode forward per optimizer step: the history advances on every
+        training forward, so gradient accumulation or extra training-mode forwards shift it;
+      * a conv bias, if any, changes slowly: only the weight is compensated (as in the release).
+
+    ``burnin`` (default 1000): the first ``burnin`` training forwards are plain BN and fill no
+    history. Early in training from scratch the weights move so fast that a first-order correction
+    of statistics even a few steps old is poor (the paper reports that a burn-in helps); 1000
+    iterations covers the usual detection learning-rate warm-up (detectron2's default), after which
+    weight updates are small enough for the Taylor term to be accurate. After burn-in the window
+    grows 1, 2, ..., window.
+
+    Under DDP the history is per process (it is not a buffer, so DDP never broadcasts it); it is
+    saved through ``get_extra_state`` so a resumed run continues bit for bit. Statistics are kept in
+    fp32 under autocast. ``fused``: ``auto`` compiles the statistics and normalization with
+    ``torch.compile`` on CUDA only (falling back to the reference path, with a warning, if
+    compilation fails), ``on`` always (failures raise), ``off`` never (the reference path).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        window: int = 4,
+        burnin: int = 1000,
+        rho: float = 1.0,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        fused: str = "auto",
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        if window < 1 or burnin < 0 or momentum is None:
+            raise ValueError(
+                f"CBN needs window >= 1, burnin >= 0 and a float momentum (no cumulative average), "
+                f"got window={window}, burnin={burnin}, momentum={momentum}"
+            )
+        if fused not in FUSED_CHOICES:
+            raise ValueError(f"CBN fused must be one of {FUSED_CHOICES}, got {fused!r}")
+        self.window = int(window)
+        self.burnin = int(burnin)
+        self.rho = float(rho)
+        self.fused = fused
+        self.layer_name = "<CBN not wired by convert_norm>"
+        self.num_steps = 0  # training forwards seen, burn-in included
+        self._count = 0  # valid history slots, always the first ones
+        self._next = 0  # slot the next entry goes to
+        slots = self.window - 1
+        self._history: dict[str, Tensor] = {
+            "mean": torch.zeros(slots, num_features),
+            "sq": torch.zeros(slots, num_features),
+        }
+        self._link: ProducerLink | None = None
+        self._geom: ConvGeometry | None = None
+        self._valid_rows: Tensor | None = None
+        self.last_window: WindowDiag | None = None
+
+    @property
+    def needs_producer(self) -> bool:
+        """Only the Taylor compensation needs the conv; naive CBN and window 1 do not."""
+        return self.rho != 0 and self.window > 1
+
+    def attach(self, link: ProducerLink, layer_name: str) -> None:
+        """Wire this layer to the conv it normalizes and preallocate the history for its shape."""
+        conv = link.conv
+        if conv.out_channels != self.num_features:
+            raise ValueError(
+                f"CBN layer '{layer_name}' has {self.num_features} channels but its conv produces "
+                f"{conv.out_channels}"
+            )
+        self._geom = conv_geometry(conv)
+        self._link = link
+        self.layer_name = layer_name
+        slots, device = self.window - 1, conv.weight.device
+        kh, kw = conv.kernel_size
+        self._history = {
+            "mean": torch.zeros(slots, self.num_features, device=device),
+            "sq": torch.zeros(slots, self.num_features, device=device),
+            "patch": torch.zeros(slots, conv.in_channels, kh, kw, device=device),
+            "dsq": torch.zeros(slots, *conv.weight.shape, device=device),
+            "weight": torch.zeros(slots, *conv.weight.shape, device=device),
+        }
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        conv_input = self._take_conv_input(x)
+        self.num_steps += 1
+        if self.num_steps <= self.burnin:
+            return super().forward(x)
+        return self._window_step(x, conv_input)
+
+    def _take_conv_input(self, x: Tensor) -> Tensor | None:
+        if not self.needs_producer:
+            return None
+        conv_input = self._link.take(x) if self._link is not None else None
+        if conv_input is None:
+            raise RuntimeError(
+                f"CBN layer '{self.layer_name}': its input is not the output of the latest "
+                "training-mode call of its producing conv. Wire it with convert_norm and apply it "
+                "directly to that conv's output, right after the conv runs."
+            )
+        return conv_input
+
+    def _window_step(self, x: Tensor, conv_input: Tensor | None) -> Tensor:
+        history = self._history_on(x.device)
+        valid = history["valid_rows"][self._count]  # a view: no kernel launch
+        taylor = None
+        if self.needs_producer:
+            taylor = TaylorInputs(
+                self._link.conv.weight.detach(), history["weight"], history["patch"],
+                history["dsq"], self._geom.groups,
+            )
+        args = (x, self.weight, self.bias, self.eps, self.rho, history["mean"], history["sq"], valid, taylor)
+        # Autocast would run the Taylor contraction (einsum -> bmm) in bf16; statistics stay fp32.
+        with torch.autocast(x.device.type, enabled=False):
+            res = self._run_window_forward(args, x.is_cuda)
+        with torch.no_grad():
+            self._update_running_stats(res, x)
+            if self.window > 1:
+                self._push(res, x, conv_input)
+        self.last_window = WindowDiag(res.count, valid, res.keep, res.comp_mean, res.delta_mean)
+        return res.out
+
+    def _run_window_forward(self, args: tuple, on_cuda: bool) -> WindowResult:
+        if self.fused == "on":
+            return _compiled_window_forward()(*args)
+        if self.fused == "auto" and on_cuda and _FusedPath.usable:
+            try:
+                return _compiled_window_forward()(*args)
+            except Exception as err:  # noqa: BLE001 - any compiler failure; real errors recur below
+                _FusedPath.disable(err)
+        return cbn_window_forward(*args)
+
+    def _update_running_stats(self, res: WindowResult, x: Tensor) -> None:
+        """EMA of the current batch alone, with the unbiased variance, exactly as BatchNorm2d."""
+        m = x.numel() // x.shape[1]
+        self.running_mean.lerp_(res.cur_mean, self.momentum)
+        self.running_var.lerp_(res.cur_var * (m / max(m - 1, 1)), self.momentum)
+        self.num_batches_tracked.add_(1)
+
+    def _push(self, res: WindowResult, y: Tensor, conv_input: Tensor | None) -> None:
+        """Write this step's entry in place (``out=``): no allocation, one kernel per field."""
+        slot, history = self._next, self._history
+        history["mean"][slot] = res.cur_mean
+        torch.addcmul(res.cur_var, res.cur_mean, res.cur_mean, out=history["sq"][slot])
+        if self.needs_producer:
+            mean_input_patch(conv_input, self._geom, tuple(y.shape[-2:]), out=history["patch"][slot])
+            sq_weight_grad(conv_input, y, self._geom, out=history["dsq"][slot])
+            history["weight"][slot] = self._link.conv.weight.detach()
+        self._next = (slot + 1) % (self.window - 1)
+        self._count = min(self._count + 1, self.window - 1)
+
+    def _history_on(self, device: torch.device) -> dict[str, Tensor]:
+        """The history on ``device``, plus ``valid_rows[n]``: the slot mask when n slots are full."""
+        # The history is not a buffer (see class docstring), so Module.to() does not move it.
+        if self._history["mean"].device != device:
+            self._history = {k: v.to(device) for k, v in self._history.items()}
+        if self._valid_rows is None or self._valid_rows.device != device:
+            slots = torch.arange(self.window - 1, device=device)
+            self._valid_rows = slots[None, :] < torch.arange(self.window, device=device)[:, None]
+        return {**self._history, "valid_rows": self._valid_rows}
+
+    def get_extra_state(self) -> dict:
+        return {
+            "num_steps": self.num_steps,
+            "count": self._count,
+            "next": self._next,
+            "history": {k: v.clone() for k, v in self._history.items()},
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        saved = state["history"]
+        mismatch = set(saved) != set(self._history) or any(
+            saved[k].shape != v.shape for k, v in self._history.items()
+        )
+        if mismatch:
+            raise ValueError(
+                f"CBN layer '{self.layer_name}': checkpoint history "
+                f"{ {k: tuple(v.shape) for k, v in saved.items()} } does not fit this layer "
+                f"{ {k: tuple(v.shape) for k, v in self._history.items()} } (different window or "
+                "conv, or a checkpoint saved before convert_norm)"
+            )
+        for k, v in self._history.items():
+            v.copy_(saved[k])
+        self.num_steps, self._count, self._next = state["num_steps"], state["count"], state["next"]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, window={self.window}, burnin={self.burnin}, rho={self.rho}"
