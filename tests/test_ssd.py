@@ -1,0 +1,154 @@
+"""SSD from scratch: default boxes of SSD300/SSD512, norm placement, a training step per norm, a tiny run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+from torchvision.models.detection.image_list import ImageList
+
+from cbn_detect.engine.optim import scaled_lr
+from cbn_detect.models import build_detector
+from cbn_detect.models.ssd import ResNetFeatureMaps, build_ssd
+from cbn_detect.norm import NORM_NAMES, convert_norm, norm_options
+from tests.conftest import CONF_DIR, TINY_RUN
+
+# ResNet stages 2-4 already give SSD300's 38, 19 and 10 px maps; these make the 5, 3 and 1 px ones.
+SSD300_EXTRAS_AFTER_RESNET = [
+    {"mid": 256, "out": 512, "kernel": 3, "stride": 2, "padding": 1},
+    {"mid": 128, "out": 256, "kernel": 3, "stride": 1, "padding": 0},
+    {"mid": 128, "out": 256, "kernel": 3, "stride": 1, "padding": 0},
+]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """These models are tiny: on shared CPU cores, extra intra-op threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_cfg(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"model={name}", *overrides]).model
+
+
+def default_boxes_per_map(model: nn.Module, size: int) -> tuple[list[int], list[int], torch.Tensor]:
+    """(map sizes, default boxes per map, all boxes in pixels) for one size x size image."""
+    images = torch.rand(1, 3, size, size)
+    with torch.no_grad():
+        maps = list(model.eval().backbone(images).values())
+    boxes = model.anchor_generator(ImageList(images, [(size, size)]), maps)[0]
+    per_location = model.anchor_generator.num_anchors_per_location()
+    sides = [m.shape[-1] for m in maps]
+    assert [m.shape[-2] for m in maps] == sides
+    return sides, [s * s * a for s, a in zip(sides, per_location)], boxes
+
+
+@pytest.mark.parametrize(
+    "name, size, sides, total",
+    [
+        # 8,732 and 24,564: the default boxes of VGG16 SSD300 and SSD512 (Liu et al. 2016); 8,732 is also
+        # what torchvision's ssd300_vgg16 generates.
+        ("ssd300", 300, [38, 19, 10, 5, 3, 1], 8732),
+        ("ssd512", 512, [64, 32, 16, 8, 4, 2, 1], 24564),
+    ],
+)
+def test_vgg_ssd_has_the_papers_maps_and_default_boxes(name: str, size: int, sides: list[int], total: int) -> None:
+    # Map sizes do not depend on the width; a narrow trunk keeps the 300/512 px forward cheap.
+    model = build_detector(model_cfg(name, "model.trunk.base_width=4"), num_classes=20)
+    got_sides, per_map, boxes = default_boxes_per_map(model, size)
+    assert got_sides == sides
+    assert sum(per_map) == len(boxes) == total
+    # The first default box is the square of the smallest scale, centred on the first 8 px cell.
+    half = float(model_cfg(name).scales[0]) * size / 2
+    assert torch.allclose(boxes[0], torch.tensor([4 - half, 4 - half, 4 + half, 4 + half]))
+
+
+def test_resnet_ssd300_gives_ssd300_maps_with_one_extra_layer_fewer() -> None:
+    model = build_ssd(num_classes=20, trunk=ResNetFeatureMaps("resnet18", 4), extras=SSD300_EXTRAS_AFTER_RESNET)
+    sides, per_map, _ = default_boxes_per_map(model, 300)
+    assert sides == [38, 19, 10, 5, 3, 1] and sum(per_map) == 8732
+
+
+@pytest.mark.parametrize("name", ["ssd300", "ssd512", "ssd_tiny"])
+def test_every_ssd_config_builds_with_a_norm_after_every_conv_but_the_predictors(name: str) -> None:
+    model = build_detector(model_cfg(name), num_classes=20)
+    assert model.head.classification_head.num_columns == 21
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == len(convs) and all(c.bias is None for c in convs)
+
+
+def test_norm_where_backbone_leaves_the_head_without_norms_and_gives_its_convs_biases() -> None:
+    model = convert_norm(build_detector(model_cfg("ssd_tiny"), num_classes=3), "bn", where=["backbone"])
+    head_norms = [n for n, m in model.head.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert head_norms == []
+    assert all(m.bias is not None for m in model.head.modules() if isinstance(m, nn.Conv2d))
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.extras.modules())
+    assert all(m.bias is None for m in model.backbone.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("norm", NORM_NAMES)
+def test_two_training_steps_give_finite_losses_with_every_norm(norm: str) -> None:
+    torch.manual_seed(0)
+    # burnin=0 makes CBN use (and compensate) its history from the second step on.
+    options = {"burnin": 0} if "burnin" in norm_options(norm) else {}
+    model = build_detector(model_cfg("ssd_tiny", "model.size=64"), num_classes=3)
+    model = convert_norm(model, norm, where=["backbone", "head"], **options).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([2])} for _ in range(2)]
+    first_conv = model.backbone.trunk.body.conv1.weight.detach().clone()
+    for _ in range(2):
+        losses = model(images, targets)
+        assert set(losses) == {"classification", "bbox_regression"}
+        assert all(torch.isfinite(v) and v > 0 for v in losses.values()), losses
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    assert not torch.equal(first_conv, model.backbone.trunk.body.conv1.weight)
+
+
+def test_inference_returns_labelled_boxes_in_the_original_image_frame() -> None:
+    torch.manual_seed(0)
+    model = build_detector(model_cfg("ssd_tiny", "model.size=64"), num_classes=3).eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 50, 90)])[0]
+    assert out["boxes"].shape[1] == 4 and len(out["boxes"]) > 0
+    assert out["boxes"][:, 2].max() <= 90 and out["boxes"][:, 3].max() <= 50
+    assert out["labels"].min() >= 1 and out["labels"].max() <= 3
+
+
+def test_mismatched_aspect_ratios_name_the_setting() -> None:
+    with pytest.raises(ValueError, match="model.aspect_ratios"):
+        build_ssd(num_classes=3, trunk=ResNetFeatureMaps("resnet10", 4), extras=[], aspect_ratios=[[2], [2]])
+
+
+def test_the_voc07_ssd300_experiment_is_scratchdets_recipe_on_ssd300() -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=voc07_ssd300", "norm=cbn"])
+    assert (cfg.model.name, cfg.data.name, cfg.norm.name) == ("ssd300", "voc07", "cbn")
+    assert scaled_lr(cfg.optim, total_batch=128) == pytest.approx(0.05)
+    assert scaled_lr(cfg.optim, total_batch=cfg.data.batch) == pytest.approx(0.0125)
+    assert list(cfg.optim.schedule.milestones) == [0.4, 0.75, 0.9]
+
+
+def test_a_tiny_ssd_run_writes_results(tmp_path: Path) -> None:
+    from cbn_detect.train import run
+
+    # ssd_tiny has one input size instead of RetinaNet's min_size/max_size.
+    overrides = [o for o in TINY_RUN if not o.startswith(("model.min_size", "model.max_size"))]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, "model=ssd_tiny", "model.size=64"])
+    run(cfg, tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "completed" and results["model"] == "ssd_tiny"
+    assert results["steps"] == 2 * (16 // 4)
+    assert 0.0 <= results["map_voc07"] <= 1.0
