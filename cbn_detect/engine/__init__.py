@@ -1,0 +1,1 @@
+"""Training loop, optimisation schedule, checkpoints and the run's runtime settings."""

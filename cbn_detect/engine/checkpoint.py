@@ -1,0 +1,78 @@
+"""Checkpoints hold everything a run needs to continue bit for bit: weights (norm state and CBN
+history included), optimizer, schedule, progress inside the epoch and every RNG. Written atomically."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cbn_detect.engine import io
+from cbn_detect.engine.runtime import rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Progress of a run.
+
+    ``epoch`` counts completed epochs and ``epoch_step`` the iterations done in the current one
+    (non-zero only in a checkpoint written mid-epoch, on a signal). ``epoch_losses`` holds the
+    finite per-iteration losses of the current epoch, or of the last one once it completed: the
+    loss variance comes from them. ``recent_losses`` is the sliding window of the last iterations.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    epoch_step: int = 0
+    train_time_s: float = 0.0
+    epoch_losses: list[float] = field(default_factory=list)
+    recent_losses: list[float] = field(default_factory=list)
+    nonfinite_total: int = 0
+    nonfinite_consecutive: int = 0
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainState,
+) -> None:
+    io.save_torch(
+        path,
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": asdict(state),
+            "rng": rng_state(),
+        },
+    )
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> TrainState:
+    """Restore in place and return the saved progress. A checkpoint that cannot be read is an error
+    naming it: silently starting over would discard the run's work."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        set_rng_state(payload["rng"])
+        state = TrainState(**payload["state"])
+    except Exception as err:  # torch raises several types for truncated, foreign or mismatched files
+        raise RuntimeError(
+            f"cannot resume from checkpoint {path}: {err}. Move it away (or use train.resume=never) to start over"
+        ) from err
+    log.info("resumed from %s at epoch %d (+%d steps), step %d", path, state.epoch, state.epoch_step, state.step)
+    return state

@@ -1,0 +1,205 @@
+"""The training loop as short explicit functions (after DETR's engine.py)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cbn_detect.data.build import start_epoch
+from cbn_detect.engine.checkpoint import TrainState
+from cbn_detect.engine.diagnostics import GradientMonitor, first_names, nonfinite_gradients, nonfinite_terms
+from cbn_detect.engine.runtime import synchronize
+from cbn_detect.engine.signals import SignalWatch
+from cbn_detect.norm import norm_diagnostics
+from cbn_detect.tracking import MetricSink
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(Exception):
+    """Too many consecutive non-finite steps; a checkpoint of the last good weights was saved."""
+
+
+@dataclass
+class LoopSettings:
+    epochs: int
+    max_grad_norm: float | None
+    log_every: int
+    progress: bool
+    max_nonfinite: int = 20
+    loss_window: int = 100
+    diagnostics: str = "basic"
+    diagnostics_every: int = 50
+
+
+def to_device(
+    images: Sequence[torch.Tensor], targets: Sequence[dict[str, Any]], device: torch.device
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [
+        {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+        for t in targets
+    ]
+    return images, targets
+
+
+def _log(sinks: Sequence[MetricSink], record: dict[str, Any], step: int) -> None:
+    for sink in sinks:
+        sink.log(record, step)
+
+
+def _variance(values: Sequence[float]) -> float:
+    return float(np.var(values)) if len(values) >= 2 else math.nan
+
+
+def _skip_nonfinite(
+    model: nn.Module, loss_terms: dict[str, torch.Tensor], loss_finite: bool, state: TrainState,
+    settings: LoopSettings, sinks: Sequence[MetricSink], checkpoint: Callable[[], None],
+) -> None:
+    """Count and report a step whose loss or gradients are not finite; stop a run that keeps failing."""
+    state.nonfinite_total += 1
+    state.nonfinite_consecutive += 1
+    if not loss_finite:
+        what = "loss terms " + first_names(nonfinite_terms(loss_terms))
+    else:
+        what = "gradients of " + first_names(nonfinite_gradients(model))
+    log.warning(
+        "step %d: non-finite %s; optimizer step skipped (%d in a row, %d in total)",
+        state.step + 1, what, state.nonfinite_consecutive, state.nonfinite_total,
+    )
+    _log(sinks, {"nonfinite_total": state.nonfinite_total}, state.step + 1)
+    if state.nonfinite_consecutive >= settings.max_nonfinite:
+        checkpoint()
+        raise TrainingDiverged(
+            f"training diverged: {state.nonfinite_consecutive} consecutive steps with a non-finite loss or "
+            f"gradient (last: {what}) at step {state.step + 1}. The weights before the first skipped step are checkpointed. "
+            "Try a lower optim.lr, a longer optim.warmup.iters, train.max_grad_norm, or a batch-independent "
+            "norm (gn) at this batch size."
+        )
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    state: TrainState,
+    settings: LoopSettings,
+    sinks: Sequence[MetricSink],
+    checkpoint: Callable[[], None],
+    watch: SignalWatch,
+    monitor: GradientMonitor,
+) -> None:
+    """One pass over the loader (or what is left of it after a mid-epoch resume).
+
+    Every step checks that the loss and the gradient norm are finite before the optimizer moves:
+    one device sync per step, the price of never stepping on a NaN.
+    """
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
+    window_start, window_images = time.perf_counter(), 0
+    last = window_start
+    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{settings.epochs}", disable=not settings.progress, leave=False)
+    for images, targets in bar:
+        images, targets = to_device(images, targets, device)
+        loss_terms = model(images, targets)
+        loss = sum(loss_terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        diagnose = settings.diagnostics != "off" and (state.step + 1) % settings.diagnostics_every == 0
+        loss_finite = bool(torch.isfinite(loss))
+        grad_norm = torch.tensor(math.nan)
+        if loss_finite:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if loss_finite and bool(torch.isfinite(grad_norm)):
+            diag: dict[str, Any] = {}
+            if diagnose:
+                monitor.missing_gradients()
+                diag.update(monitor.gradient_stats())
+                monitor.snapshot()
+                if settings.diagnostics == "full":
+                    for sink in sinks:
+                        if hasattr(sink, "log_histograms"):
+                            sink.log_histograms(monitor.histograms(), state.step + 1)
+            optimizer.step()
+            state.nonfinite_consecutive = 0
+            if diagnose:
+                diag.update(monitor.update_stats())
+                diag.update(norm_diagnostics(model))
+                _log(sinks, diag, state.step + 1)
+            value = loss.item()
+            state.epoch_losses.append(value)
+            state.recent_losses = (state.recent_losses + [value])[-settings.loss_window :]
+        else:
+            _skip_nonfinite(model, loss_terms, loss_finite, state, settings, sinks, checkpoint)
+        scheduler.step()
+        state.step += 1
+        state.epoch_step += 1
+        now = time.perf_counter()
+        state.train_time_s += now - last  # the finiteness check above already synchronised
+        last = now
+        window_images += len(images)
+        if state.step % settings.log_every == 0:
+            synchronize(device)
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "epoch": state.epoch + 1,
+                "loss": loss.item(),
+                **{f"loss/{k}": v.item() for k, v in loss_terms.items()},
+                "loss_variance_window": _variance(state.recent_losses),
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm.item(),
+                "images_per_s": window_images / max(elapsed, 1e-9),
+            }
+            _log(sinks, record, state.step)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            window_start, window_images = time.perf_counter(), 0
+        if watch.received is not None:
+            checkpoint()
+            watch.hand_on(state.step)
+
+
+def fit(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    state: TrainState,
+    settings: LoopSettings,
+    sinks: Sequence[MetricSink],
+    checkpoint: Callable[[], None],
+    end_of_epoch: Callable[[TrainState], None],
+) -> TrainState:
+    """Train from ``state`` to ``settings.epochs``; checkpoint each epoch and on SIGTERM/SIGUSR1."""
+    monitor = GradientMonitor(model)
+    with SignalWatch() as watch:
+        while state.epoch < settings.epochs:
+            start_epoch(loader, state.epoch, state.epoch_step)
+            if state.epoch_step == 0:
+                state.epoch_losses = []
+            start = time.perf_counter()
+            train_one_epoch(
+                model, loader, optimizer, scheduler, device, state, settings, sinks, checkpoint, watch, monitor
+            )
+            state.epoch += 1
+            state.epoch_step = 0
+            log.info(
+                "epoch %d/%d done: mean loss %.4f, %.1f s",
+                state.epoch, settings.epochs, float(np.mean(state.epoch_losses)) if state.epoch_losses else math.nan,
+                time.perf_counter() - start,
+            )
+            end_of_epoch(state)
+    return state

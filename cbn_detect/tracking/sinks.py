@@ -1,0 +1,68 @@
+"""Metric sinks: ``metrics.jsonl`` on disk and the log; W&B plugs in behind the same interface."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class MetricSink(Protocol):
+    def log(self, metrics: dict[str, Any], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _jsonable(value: Any) -> Any:
+    """Non-finite floats become null: JSON has no NaN, and a reader must not choke on a diverged run."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class JsonlSink:
+    """One JSON object per logged step, appended and flushed at once so a killed run keeps its history.
+
+    On resume the file is cut back to the checkpoint's step first, so no step appears twice.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def _truncate_after(self, step: int) -> None:
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class LoggingSink:
+    """A compact line in ``train.log`` for each logged step."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
+        log.info("step %d  %s", step, "  ".join(parts))
+
+    def close(self) -> None:
+        pass

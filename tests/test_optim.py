@@ -1,0 +1,71 @@
+"""Learning-rate scaling, warmup and decay, and parameter groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from cbn_detect.engine.optim import WarmupSchedule, build_optimizer, build_scheduler, scaled_lr
+
+SGD = OmegaConf.create(
+    {
+        "lr": 0.01,
+        "reference_batch": 16,
+        "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9, "weight_decay": 1e-4},
+        "warmup": {"iters": 10, "factor": 0.001},
+        "schedule": {"name": "step", "milestones": [0.5, 0.75], "gamma": 0.1},
+    }
+)
+
+
+def test_linear_scaling_rule() -> None:
+    assert scaled_lr(SGD, 8) == pytest.approx(0.005)
+    assert scaled_lr(OmegaConf.merge(SGD, {"reference_batch": None}), 8) == pytest.approx(0.01)
+
+
+def test_norm_parameters_and_biases_get_no_weight_decay() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    optimizer = build_optimizer(model, SGD, total_batch=16)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == pytest.approx(1e-4) and len(decay["params"]) == 1
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_warmup_then_steps() -> None:
+    schedule = WarmupSchedule(100, warmup_iters=10, warmup_factor=0.001, name="step", milestones=[0.5, 0.75], gamma=0.1)
+    assert schedule(0) == pytest.approx(0.001)
+    assert schedule(5) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert schedule(10) == 1.0 and schedule(49) == 1.0
+    assert schedule(50) == pytest.approx(0.1) and schedule(75) == pytest.approx(0.01)
+
+
+def test_cosine_ends_at_zero() -> None:
+    schedule = WarmupSchedule(100, warmup_iters=0, warmup_factor=1.0, name="cosine", milestones=[], gamma=0.1)
+    assert schedule(0) == 1.0 and schedule(50) == pytest.approx(0.5) and schedule(100) == pytest.approx(0.0)
+
+
+def test_bad_schedule_names_the_setting() -> None:
+    with pytest.raises(ValueError, match="optim.schedule.name"):
+        WarmupSchedule(10, 0, 1.0, "linear", [], 0.1)
+    with pytest.raises(ValueError, match="optim.schedule.milestones"):
+        WarmupSchedule(10, 0, 1.0, "step", [5], 0.1)
+
+
+def test_scheduler_state_round_trip_continues_the_curve() -> None:
+    model = nn.Linear(2, 2)
+    opt = build_optimizer(model, SGD, 16)
+    sched = build_scheduler(opt, SGD, total_iters=40)
+    for _ in range(12):
+        opt.step()
+        sched.step()
+    opt2 = build_optimizer(model, SGD, 16)
+    sched2 = build_scheduler(opt2, SGD, total_iters=40)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    for _ in range(10):
+        opt.step(), sched.step(), opt2.step(), sched2.step()
+    assert sched.get_last_lr() == sched2.get_last_lr()
+    assert torch.tensor(sched.get_last_lr()[0]) == pytest.approx(0.001)
