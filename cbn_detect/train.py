@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cbn_detect.data.build import build_dataset, class_names, train_loader
+from cbn_detect.data.build import build_dataset, class_names, dataset_problems, train_loader
 from cbn_detect.data.errors import DatasetError
 from cbn_detect.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from cbn_detect.engine.distributed import DistInfo, broadcast_object, init_distributed, shutdown
@@ -206,7 +206,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         **train_summary(state),
         "eval_time_s": eval_time,
         "num_detections": scores["num_detections"],
-        "data_problems": {"train": train_set.problems.to_dict(), "test": test_set.problems.to_dict()},
+        "data_problems": {"train": dataset_problems(train_set), "test": dataset_problems(test_set)},
         "device": str(device),
         "torch": torch.__version__,
     }

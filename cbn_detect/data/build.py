@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from cbn_detect.data.ssd_transforms import ssd_train_transforms
@@ -46,24 +46,41 @@ def model_train_transforms(data_cfg: DictConfig, model_cfg: DictConfig) -> v2.Co
     raise ValueError(f"model.augment={augment!r} must be 'ssd' or 'retinanet'")
 
 
-def build_dataset(data_cfg: DictConfig, train: bool, model_cfg: DictConfig | None = None) -> VOCDataset:
-    """The training split (augmented for ``model_cfg``'s family) or the test split (no augmentation:
-    detectors resize inputs themselves and map detections back to the image)."""
+def build_dataset(
+    data_cfg: DictConfig, train: bool, model_cfg: DictConfig | None = None
+) -> VOCDataset | ConcatDataset:
+    """The training data (augmented for ``model_cfg``'s family) or the test split (no augmentation:
+    detectors resize inputs themselves and map detections back to the image). ``data.train_sets``
+    (a list of (year, split) pairs, as in ``data=voc0712``) concatenates several training splits."""
     if train:
         transforms = model_train_transforms(data_cfg, model_cfg) if model_cfg is not None else train_transforms(
             float(data_cfg.hflip)
         )
     else:
         transforms = test_transforms()
-    return VOCDataset(
-        dataset_root(data_cfg),
-        data_cfg.train_split if train else data_cfg.test_split,
-        year=str(data_cfg.year),
-        classes=class_names(data_cfg),
-        keep_difficult=not train or bool(data_cfg.keep_difficult_train),
-        transforms=transforms,
-        on_error=str(data_cfg.on_error),
-    )
+    if train and data_cfg.get("train_sets"):
+        parts = [(str(year), str(split)) for year, split in data_cfg.train_sets]
+    else:
+        parts = [(str(data_cfg.year), str(data_cfg.train_split if train else data_cfg.test_split))]
+    datasets = [
+        VOCDataset(
+            dataset_root(data_cfg),
+            split,
+            year=year,
+            classes=class_names(data_cfg),
+            keep_difficult=not train or bool(data_cfg.keep_difficult_train),
+            transforms=transforms,
+            on_error=str(data_cfg.on_error),
+        )
+        for year, split in parts
+    ]
+    return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+
+
+def dataset_problems(dataset: VOCDataset | ConcatDataset) -> list[dict[str, Any]]:
+    """The load-time problem summaries of every split in ``dataset`` (for results.json)."""
+    parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+    return [part.problems.to_dict() for part in parts]
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
