@@ -39,6 +39,7 @@ from cbn_detect.evaluation.fps import measure_fps
 from cbn_detect.models import build_detector
 from cbn_detect.norm import convert_norm
 from cbn_detect.tracking import JsonlSink, LoggingSink, MetricSink
+from cbn_detect.tracking.wandb_sink import build_wandb_sink
 
 log = logging.getLogger("cbn_detect.train")
 
@@ -89,10 +90,25 @@ def build_model(cfg: DictConfig, num_classes: int, device: torch.device) -> nn.M
     return convert_norm(model, str(cfg.norm.name), **norm_kwargs).to(device)
 
 
-def build_sinks(run_dir: Path, state: TrainState, info: DistInfo) -> list[MetricSink]:
+def build_sinks(
+    cfg: DictConfig, run_dir: Path, state: TrainState, info: DistInfo, wandb_group: str | None
+) -> list[MetricSink]:
     if not info.is_main:
         return []
-    return [JsonlSink(run_dir / "metrics.jsonl", resume_step=state.step), LoggingSink()]
+    sinks: list[MetricSink] = [JsonlSink(run_dir / "metrics.jsonl", resume_step=state.step), LoggingSink()]
+    name = f"{cfg.model.name}-{cfg.norm.name}-b{cfg.data.batch}-s{cfg.seed}"
+    wandb_sink = build_wandb_sink(cfg.wandb, OmegaConf.to_container(cfg, resolve=True), name, wandb_group, run_dir)
+    if wandb_sink is not None:
+        sinks.append(wandb_sink)
+    return sinks
+
+
+def close_sinks(sinks: list[MetricSink], results: dict[str, Any] | None) -> None:
+    """The final numbers go into the sinks that keep a summary (W&B) before they close."""
+    for sink in sinks:
+        if results is not None and hasattr(sink, "summary"):
+            sink.summary(results)
+        sink.close()
 
 
 def checkpoint_path(run_dir: Path, info: DistInfo) -> Path:
@@ -122,7 +138,7 @@ def log_eval(sinks: list[MetricSink], state: TrainState, scores: dict[str, Any] 
         sink.log(record, state.step)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration into ``run_dir``; returns what ``results.json`` holds
     (on rank 0; other ranks of a distributed run return their status only)."""
     if int(cfg.data.batch) < 1:
@@ -158,7 +174,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     state = TrainState()
     if cfg.train.resume == "auto" and ckpt.exists():
         state = load_checkpoint(ckpt, net, optimizer, scheduler)
-    sinks = build_sinks(run_dir, state, info)
+    sinks = build_sinks(cfg, run_dir, state, info, wandb_group)
     gt = ground_truth(test_set.ground_truth())
 
     def score() -> dict[str, Any] | None:
@@ -185,17 +201,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         results = {"status": "diverged", **identity(cfg, info.world_size), "error": str(err), **train_summary(state)}
         if info.is_main:
             write_results(run_dir, results)
-        for sink in sinks:
-            sink.close()
+        close_sinks(sinks, results)
         return results
 
     start = time.perf_counter()
     scores = score()
     eval_time = time.perf_counter() - start
     log_eval(sinks, state, scores)
-    for sink in sinks:
-        sink.close()
     if not info.is_main or scores is None:
+        close_sinks(sinks, None)
         return {"status": "completed"}
     fps = measure_fps(net, test_set, device, int(cfg.eval.fps_images), int(cfg.eval.fps_warmup))
     results = {
@@ -211,6 +225,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "torch": torch.__version__,
     }
     write_results(run_dir, results)
+    close_sinks(sinks, results)
     log.info(
         "%s %s batch %d: VOC07 mAP %.4f, loss variance %.4g, %.1f FPS -> %s",
         results["model"], results["norm"], results["batch"], results.get("map_voc07", math.nan),
@@ -236,8 +251,10 @@ def main(cfg: DictConfig) -> float:
     if previous is not None:
         log.info("%s already holds a completed run; skipping it (train.resume=never starts over)", run_dir)
         return float(previous.get("map_voc07", math.nan))
+    # The sweep folder's last two parts (<date>/<time> by default) name the W&B group.
+    wandb_group = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None
     try:
-        results = run(cfg, run_dir)
+        results = run(cfg, run_dir, wandb_group)
     except TrainingInterrupted as err:
         log.warning("%s", err)
         record_failure(cfg, run_dir, str(err), status="interrupted")
