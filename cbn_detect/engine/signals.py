@@ -1,7 +1,8 @@
-"""Checkpoint-on-signal: SLURM sends SIGUSR1 (submitit's requeue signal) or SIGTERM before it kills
-a job. Saving inside a signal handler could capture a half-updated model, so the handler only
-records the signal; the training loop checkpoints at the next step boundary and then hands the
-signal on to whoever handled it before (submitit requeues the job), or stops the run."""
+"""Checkpoint-on-signal: before SLURM kills a job it sends SIGTERM, or the signal the job asked for
+(``--signal``: submitit asks for SIGUSR2, other setups use SIGUSR1). Saving inside a signal
+handler could capture a half-updated model, so the handler only records the signal; the training
+loop checkpoints at the next step boundary and then hands the signal on to whoever handled it
+before (submitit's handler requeues the job), or stops the run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
-HANDLED = (signal.SIGTERM, signal.SIGUSR1)
+HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class TrainingInterrupted(Exception):
@@ -49,10 +50,12 @@ class SignalWatch:
         self.received, self._frame = signum, frame
 
     def hand_on(self, step: int) -> None:
-        """After the checkpoint: let the previous handler act (submitit requeues), else stop the run."""
-        assert self.received is not None
-        previous = self._previous.get(self.received)
-        self.__exit__()
+        """After the checkpoint, the handler that was there before decides: submitit's requeues
+        the job on its signal and ignores SIGTERM (training goes on); without one, the run stops."""
+        signum, previous = self.received, self._previous.get(self.received)
+        assert signum is not None
+        self.received = None
         if callable(previous):
-            previous(self.received, self._frame)
-        raise TrainingInterrupted(self.received, step)
+            previous(signum, self._frame)
+            return
+        raise TrainingInterrupted(signum, step)
