@@ -30,8 +30,9 @@ from cbn_detect.data.errors import DatasetError
 from cbn_detect.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from cbn_detect.engine.distributed import DistInfo, broadcast_object, init_distributed, shutdown
 from cbn_detect.engine.optim import build_optimizer, build_scheduler
+from cbn_detect.engine.precision import Precision
 from cbn_detect.engine.results import RESULTS_FILE, loss_variance, write_results
-from cbn_detect.engine.runtime import resolve_device, seed_everything
+from cbn_detect.engine.runtime import resolve_device, seed_everything, set_cudnn_benchmark
 from cbn_detect.engine.signals import TrainingInterrupted
 from cbn_detect.engine.trainer import LoopSettings, TrainingDiverged, fit
 from cbn_detect.evaluation.evaluator import evaluate, ground_truth
@@ -85,9 +86,57 @@ def completed_results(run_dir: Path) -> dict[str, Any] | None:
 
 
 def build_model(cfg: DictConfig, num_classes: int, device: torch.device) -> nn.Module:
+    """The detector with the configured norm, on ``device``, with the speed options applied.
+
+    ``train.compile`` compiles the backbone and head in place (``Module.compile``), which keeps
+    parameter names and therefore checkpoints unchanged; torchvision's loss and post-processing
+    loop over images with data-dependent shapes and stay eager.
+    """
     model = build_detector(cfg.model, num_classes=num_classes)
     norm_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.norm, resolve=True).items() if k != "name"}
-    return convert_norm(model, str(cfg.norm.name), **norm_kwargs).to(device)
+    model = convert_norm(model, str(cfg.norm.name), **norm_kwargs).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        model.backbone.compile()
+        model.head.compile()
+    return model
+
+
+BATCH_STATISTICS_NORMS = ("bn", "syncbn", "cbn", "cbn_naive", "brn")
+
+
+@torch.no_grad()
+def check_batch_statistics(net: nn.Module, cfg: DictConfig, device: torch.device, info: DistInfo) -> None:
+    """Configuration mistakes a norm would only reveal mid-training, caught before it starts."""
+    name = str(cfg.norm.name)
+    if name == "syncbn" and info.world_size == 1:
+        log.warning("norm=syncbn in a single process is plain BN; start several (torchrun, SLURM tasks) to synchronise")
+    if name not in BATCH_STATISTICS_NORMS or int(cfg.data.batch) > 1:
+        return
+    # With one image per process, a norm after a 1x1 feature map sees one value per channel.
+    smallest: list[tuple[int, str]] = []
+    hooks = [
+        module.register_forward_pre_hook(lambda m, args, path=path: smallest.append((args[0][0, 0].numel(), path)))
+        for path, module in net.named_modules()
+        if isinstance(getattr(module, "running_mean", None), torch.Tensor)
+    ]
+    side = int(cfg.model.get("size", cfg.model.get("min_size", 512)))
+    was_training = net.training
+    net.eval()
+    try:
+        net([torch.zeros(3, side, side, device=device)])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        net.train(was_training)
+    values, path = min(smallest, default=(2, ""))
+    if values == 1:
+        raise ValueError(
+            f"data.batch=1 with norm={name}: layer {path} normalizes a 1x1 feature map, so its batch "
+            "statistics would come from a single value per channel. Use norm=gn or norm=cbn (which "
+            "averages over iterations), or data.batch >= 2."
+        )
 
 
 def build_sinks(
@@ -147,6 +196,8 @@ def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dict[
     run_dir = Path(broadcast_object(str(run_dir), info))
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    set_cudnn_benchmark(bool(cfg.train.cudnn_benchmark))
+    precision = Precision(str(cfg.train.amp), device)
     seed_everything(int(cfg.seed) + info.rank)
 
     classes = class_names(cfg.data)
@@ -155,6 +206,7 @@ def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dict[
     log.info("data %s: %d training, %d test images", cfg.data.name, len(train_set), len(test_set))
 
     net = build_model(cfg, len(classes), device)
+    check_batch_statistics(net, cfg, device, info)
     model = net
     if info.world_size > 1:
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -173,7 +225,7 @@ def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dict[
     ckpt = checkpoint_path(run_dir, info)
     state = TrainState()
     if cfg.train.resume == "auto" and ckpt.exists():
-        state = load_checkpoint(ckpt, net, optimizer, scheduler)
+        state = load_checkpoint(ckpt, net, optimizer, scheduler, precision)
     sinks = build_sinks(cfg, run_dir, state, info, wandb_group)
     gt = ground_truth(test_set.ground_truth())
 
@@ -185,7 +237,7 @@ def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dict[
         )
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt, net, optimizer, scheduler, state)
+        save_checkpoint(ckpt, net, optimizer, scheduler, state, precision)
 
     def end_of_epoch(state: TrainState) -> None:
         checkpoint()
@@ -195,7 +247,9 @@ def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dict[
 
     try:
         settings = loop_settings(cfg, show_progress(str(cfg.train.progress), info))
-        state = fit(model, loader, optimizer, scheduler, device, state, settings, sinks, checkpoint, end_of_epoch)
+        state = fit(
+            model, loader, optimizer, scheduler, device, state, settings, sinks, checkpoint, end_of_epoch, precision
+        )
     except TrainingDiverged as err:
         log.error("%s", err)
         results = {"status": "diverged", **identity(cfg, info.world_size), "error": str(err), **train_summary(state)}
@@ -222,6 +276,7 @@ def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dict[
         "num_detections": scores["num_detections"],
         "data_problems": {"train": dataset_problems(train_set), "test": dataset_problems(test_set)},
         "device": str(device),
+        "amp": str(cfg.train.amp),
         "torch": torch.__version__,
     }
     write_results(run_dir, results)

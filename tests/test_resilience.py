@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 
 from cbn_detect.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from cbn_detect.engine.optim import build_optimizer, build_scheduler
+from cbn_detect.engine.precision import Precision
 from cbn_detect.train import run
 from tests.conftest import CONF_DIR, REPO, TINY_RUN
 
@@ -118,7 +119,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumab
     optimizer = build_optimizer(model, cfg.optim, 4)
     scheduler = build_scheduler(optimizer, cfg.optim, 10)
     path = tmp_path / "checkpoints" / "last.pt"
-    save_checkpoint(path, model, optimizer, scheduler, TrainState(epoch=1, step=7))
+    save_checkpoint(path, model, optimizer, scheduler, TrainState(epoch=1, step=7), Precision("off", torch.device("cpu")))
     ready = tmp_path / "ready"
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(path), str(ready)], env={**os.environ, "PYTHONPATH": str(REPO)}
@@ -129,7 +130,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumab
     assert ready.exists()
     writer.send_signal(signal.SIGKILL)
     writer.wait(timeout=60)
-    state = load_checkpoint(path, model, optimizer, scheduler)
+    state = load_checkpoint(path, model, optimizer, scheduler, Precision("off", torch.device("cpu")))
     assert (state.epoch, state.step) == (1, 7)
 
 
@@ -140,4 +141,4 @@ def test_an_unreadable_checkpoint_is_an_error_naming_it(tmp_path: Path) -> None:
     cfg = tiny_cfg()
     optimizer = build_optimizer(model, cfg.optim, 4)
     with pytest.raises(RuntimeError, match=str(path)):
-        load_checkpoint(path, model, optimizer, build_scheduler(optimizer, cfg.optim, 10))
+        load_checkpoint(path, model, optimizer, build_scheduler(optimizer, cfg.optim, 10), Precision("off", torch.device("cpu")))

@@ -120,3 +120,11 @@ def test_a_completed_run_is_not_redone(tmp_path: Path) -> None:
 def test_bad_batch_names_the_setting(tmp_path: Path, override: str, setting: str) -> None:
     with pytest.raises(ValueError, match=setting):
         run(tiny_cfg(override), tmp_path)
+
+
+def test_batch_one_on_a_1x1_feature_map_is_refused_with_advice(tmp_path: Path) -> None:
+    overrides = [o for o in TINY_RUN if not o.startswith("model.")]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, "model=ssd_tiny", "model.size=64", "data.batch=1"])
+    with pytest.raises(ValueError, match=r"1x1 feature map.*norm=gn"):
+        run(cfg, tmp_path)

@@ -1,5 +1,5 @@
 """Checkpoints hold everything a run needs to continue bit for bit: weights (norm state and CBN
-history included), optimizer, schedule, progress inside the epoch and every RNG. Written atomically."""
+history included), optimizer, schedule, fp16 loss scale, progress inside the epoch and every RNG. Written atomically."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cbn_detect.engine import io
+from cbn_detect.engine.precision import Precision
 from cbn_detect.engine.runtime import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
+    precision: Precision,
 ) -> None:
     io.save_torch(
         path,
@@ -49,6 +51,7 @@ def save_checkpoint(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": precision.state_dict(),
             "state": asdict(state),
             "rng": rng_state(),
         },
@@ -60,6 +63,7 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    precision: Precision,
 ) -> TrainState:
     """Restore in place and return the saved progress. A checkpoint that cannot be read is an error
     naming it: silently starting over would discard the run's work."""
@@ -68,6 +72,7 @@ def load_checkpoint(
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
+        precision.load_state_dict(payload["scaler"])
         set_rng_state(payload["rng"])
         state = TrainState(**payload["state"])
     except Exception as err:  # torch raises several types for truncated, foreign or mismatched files

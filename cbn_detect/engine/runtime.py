@@ -22,6 +22,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def set_cudnn_benchmark(enabled: bool) -> None:
+    # Kept out of train.py: submitit pickles ``python -m cbn_detect.train``'s functions by value, and
+    # cloudpickle cannot pickle torch.backends.cudnn (a module subclass) when a global refers to it.
+    torch.backends.cudnn.benchmark = enabled
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

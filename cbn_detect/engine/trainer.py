@@ -18,6 +18,7 @@ from tqdm import tqdm
 from cbn_detect.data.build import start_epoch
 from cbn_detect.engine.checkpoint import TrainState
 from cbn_detect.engine.diagnostics import GradientMonitor, first_names, nonfinite_gradients, nonfinite_terms
+from cbn_detect.engine.precision import Precision
 from cbn_detect.engine.runtime import synchronize
 from cbn_detect.engine.signals import SignalWatch
 from cbn_detect.norm import norm_diagnostics
@@ -100,6 +101,7 @@ def train_one_epoch(
     checkpoint: Callable[[], None],
     watch: SignalWatch,
     monitor: GradientMonitor,
+    precision: Precision,
 ) -> None:
     """One pass over the loader (or what is left of it after a mid-epoch resume).
 
@@ -114,14 +116,17 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{settings.epochs}", disable=not settings.progress, leave=False)
     for images, targets in bar:
         images, targets = to_device(images, targets, device)
-        loss_terms = model(images, targets)
+        with precision.autocast():
+            loss_terms = model(images, targets)
+        loss_terms = {k: v.float() for k, v in loss_terms.items()}
         loss = sum(loss_terms.values())
         optimizer.zero_grad(set_to_none=True)
         diagnose = settings.diagnostics != "off" and (state.step + 1) % settings.diagnostics_every == 0
         loss_finite = bool(torch.isfinite(loss))
         grad_norm = torch.tensor(math.nan)
         if loss_finite:
-            loss.backward()
+            precision.backward(loss)
+            precision.unscale(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         if loss_finite and bool(torch.isfinite(grad_norm)):
             diag: dict[str, Any] = {}
@@ -133,7 +138,7 @@ def train_one_epoch(
                     for sink in sinks:
                         if hasattr(sink, "log_histograms"):
                             sink.log_histograms(monitor.histograms(), state.step + 1)
-            optimizer.step()
+            precision.step(optimizer)
             state.nonfinite_consecutive = 0
             if diagnose:
                 diag.update(monitor.update_stats())
@@ -143,6 +148,7 @@ def train_one_epoch(
             state.epoch_losses.append(value)
             state.recent_losses = (state.recent_losses + [value])[-settings.loss_window :]
         else:
+            precision.skip()
             _skip_nonfinite(model, loss_terms, loss_finite, state, settings, sinks, checkpoint)
         scheduler.step()
         state.step += 1
@@ -182,6 +188,7 @@ def fit(
     sinks: Sequence[MetricSink],
     checkpoint: Callable[[], None],
     end_of_epoch: Callable[[TrainState], None],
+    precision: Precision,
 ) -> TrainState:
     """Train from ``state`` to ``settings.epochs``; checkpoint each epoch and on SIGTERM/SIGUSR1."""
     monitor = GradientMonitor(model)
@@ -192,7 +199,8 @@ def fit(
                 state.epoch_losses = []
             start = time.perf_counter()
             train_one_epoch(
-                model, loader, optimizer, scheduler, device, state, settings, sinks, checkpoint, watch, monitor
+                model, loader, optimizer, scheduler, device, state, settings, sinks, checkpoint, watch, monitor,
+                precision,
             )
             state.epoch += 1
             state.epoch_step = 0
