@@ -11,6 +11,9 @@ import sys
 BENCHMARKS = {
     "norm": "cbn_detect.norm.bench",
     "eval": "cbn_detect.evaluation.bench",
+    "train": "cbn_detect.engine.bench",
+    "infer": "cbn_detect.evaluation.bench_infer",
+    "data": "cbn_detect.data.bench",
 }
 
 

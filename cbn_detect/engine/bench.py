@@ -1,0 +1,221 @@
+"""``python -m cbn_detect.bench train``: our RetinaNet's training throughput against torchvision's.
+
+Both detectors live in one process and take turns, one step each, the order rotating every round,
+so clock boosts, thermal drift and other load hit both alike; the table reports medians. They see
+identical inputs: fixed-size random images with a few random boxes each, built once. A step is
+what the trainer does minus its bookkeeping: forward with the loss, backward, optimizer update.
+
+Both are built with ``min_size = max_size = --size`` so the detectors' own resize is the identity
+and the network sees ``--size`` pixels exactly. ``--dtype``, ``--channels-last`` and ``--compile``
+apply to both, so the ratio compares models, not settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from cbn_detect.engine.runtime import synchronize
+from cbn_detect.models.backbone import ResNetTrunk
+from cbn_detect.models.retinanet import anchor_generator, build_retinanet
+from cbn_detect.norm import convert_norm
+
+NUM_CLASSES = 20  # PASCAL VOC; both detectors predict NUM_CLASSES + 1 logits (0 = background)
+BOXES_PER_IMAGE = 3
+
+CAVEAT = (
+    "# ours differs from torchvision's v1 RetinaNet by design: BN after every FPN conv, and one BN "
+    "per FPN level after every head conv (torchvision: no norm outside the trunk); same trunk, "
+    "matcher, losses and post-processing"
+)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The size of a RetinaNet, shared by both builders so the two models differ only in design."""
+
+    name: str
+    depth: str
+    base_width: int
+    fpn_channels: int
+    extra_levels: str
+    anchor_sizes: tuple[int, ...]
+
+
+R50 = Arch("resnet50-FPN256", "resnet50", 64, 256, "p6p7", (32, 64, 128, 256, 512))
+# retinanet_tiny's trunk and FPN, with 4 head convs like torchvision's head (retinanet_tiny has 2).
+TINY_ARCH = Arch("resnet10w16-FPN64", "resnet10", 16, 64, "none", (16, 32, 64))
+TINY = dict(batch=2, size=64, iters=3, warmup=1)
+
+
+def ours_retinanet(arch: Arch, size: int) -> RetinaNet:
+    """Our detector as ``train.py`` builds it with ``norm=bn``."""
+    model = build_retinanet(
+        NUM_CLASSES,
+        depth=arch.depth,
+        base_width=arch.base_width,
+        fpn_channels=arch.fpn_channels,
+        extra_levels=arch.extra_levels,
+        anchor_sizes=arch.anchor_sizes,
+        head_convs=4,
+        min_size=size,
+        max_size=size,
+    )
+    return convert_norm(model, "bn")
+
+
+def torchvision_retinanet(arch: Arch, size: int) -> RetinaNet:
+    """torchvision's v1 RetinaNet, untrained (so BN, not FrozenBN, in the trunk).
+
+    R50 is ``retinanet_resnet50_fpn`` itself. Other sizes have no torchvision builder, so they put
+    torchvision's norm-free FPN and its default head on our trunk, which is torchvision's ResNet
+    with a configurable width.
+    """
+    if arch == R50:
+        return retinanet_resnet50_fpn(
+            weights=None, weights_backbone=None, num_classes=NUM_CLASSES + 1, min_size=size, max_size=size
+        )
+    trunk = ResNetTrunk(arch.depth, arch.base_width)
+    extra = LastLevelP6P7(arch.fpn_channels, arch.fpn_channels) if arch.extra_levels == "p6p7" else None
+    backbone = BackboneWithFPN(
+        trunk, {"layer2": "0", "layer3": "1", "layer4": "2"}, trunk.stage_channels[1:], arch.fpn_channels, extra
+    )
+    if extra is None:
+        backbone.fpn.extra_blocks = None  # BackboneWithFPN would add a max-pool level instead
+    return RetinaNet(
+        backbone,
+        NUM_CLASSES + 1,
+        min_size=size,
+        max_size=size,
+        anchor_generator=anchor_generator(arch.anchor_sizes),
+    )
+
+
+def synthetic_batch(
+    batch: int, size: int, device: torch.device, seed: int = 0
+) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """Random images with BOXES_PER_IMAGE random boxes (10-50 % of the side) of random classes."""
+    gen = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, size, size, generator=gen).to(device) for _ in range(batch)]
+    targets = []
+    for _ in range(batch):
+        wh = size * (0.1 + 0.4 * torch.rand(BOXES_PER_IMAGE, 2, generator=gen))
+        xy = (size - wh) * torch.rand(BOXES_PER_IMAGE, 2, generator=gen)
+        labels = torch.randint(1, NUM_CLASSES + 1, (BOXES_PER_IMAGE,), generator=gen)
+        targets.append({"boxes": torch.cat([xy, xy + wh], dim=1).to(device), "labels": labels.to(device)})
+    return images, targets
+
+
+@dataclass
+class Variant:
+    """One detector under test: its model, optimizer and step times."""
+
+    label: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    times_ms: list[float]
+
+    @property
+    def params_m(self) -> float:
+        return sum(p.numel() for p in self.model.parameters()) / 1e6
+
+
+def prepare(label: str, model: RetinaNet, args: argparse.Namespace) -> Variant:
+    """Apply the speed options; ``torch.compile`` covers the backbone only, where the time goes
+    and where both detectors have the same structure."""
+    model = model.to(args.device).train()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone.compile()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    return Variant(label, model, optimizer, [])
+
+
+def train_step(v: Variant, images: list[Tensor], targets: list[dict[str, Tensor]], args: argparse.Namespace) -> float:
+    """One timed step (ms), device-synchronised both ends."""
+    synchronize(args.device)
+    start = time.perf_counter()
+    v.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+        losses = v.model(images, targets)
+    sum(losses.values()).backward()
+    v.optimizer.step()
+    synchronize(args.device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def benchmark(args: argparse.Namespace) -> list[tuple[str, float, float, float, float]]:
+    """(model, parameters in M, median step ms, images/s, ratio to torchvision), torchvision first."""
+    arch = TINY_ARCH if args.tiny else R50
+    torch.manual_seed(0)
+    variants = [
+        prepare("torchvision", torchvision_retinanet(arch, args.size), args),
+        prepare("ours", ours_retinanet(arch, args.size), args),
+    ]
+    images, targets = synthetic_batch(args.batch, args.size, args.device)
+    for round_ in range(args.warmup + args.iters):
+        shift = round_ % len(variants)
+        for v in variants[shift:] + variants[:shift]:
+            elapsed = train_step(v, images, targets, args)
+            if round_ >= args.warmup:
+                v.times_ms.append(elapsed)
+    rates = [args.batch * 1e3 / statistics.median(v.times_ms) for v in variants]
+    return [
+        (v.label, v.params_m, statistics.median(v.times_ms), rate, rate / rates[0])
+        for v, rate in zip(variants, rates)
+    ]
+
+
+def format_table(rows: list[tuple[str, float, float, float, float]], args: argparse.Namespace) -> str:
+    arch = TINY_ARCH if args.tiny else R50
+    options = [args.dtype] + ["channels_last"] * args.channels_last + ["compiled backbone"] * args.compile
+    header = (
+        f"# train: RetinaNet {arch.name} from scratch, batch {args.batch} x {args.size}px, "
+        f"{', '.join(options)}, device {device_name(args.device)}, torch {torch.__version__}, "
+        f"median of {args.iters} interleaved steps"
+    )
+    lines = [header, f"{'model':<14}{'params_M':>10}{'step_ms':>10}{'images_per_s':>14}{'ratio_to_torchvision':>22}"]
+    lines += [
+        f"{label:<14}{params:>10.2f}{ms:>10.2f}{rate:>14.2f}{ratio:>22.2f}" for label, params, ms, rate, ratio in rows
+    ]
+    lines.append(CAVEAT)
+    return "\n".join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cbn_detect.bench train", description=__doc__)
+    p.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=16, help="images per step")
+    p.add_argument("--size", type=int, default=512, help="square image side in pixels")
+    p.add_argument("--iters", type=int, default=20, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per model")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile both backbones")
+    p.add_argument(
+        "--tiny", action="store_true",
+        help=f"CPU preset, explicit options win: {TINY}, models of size {TINY_ARCH.name} instead of {R50.name}",
+    )
+    if "--tiny" in argv:
+        p.set_defaults(**TINY)
+    return p.parse_args(argv)
+
+
+def run(argv: list[str]) -> int:
+    args = parse_args(argv)
+    print(format_table(benchmark(args), args))
+    return 0
+

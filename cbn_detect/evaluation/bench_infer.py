@@ -1,0 +1,288 @@
+"""``python -m cbn_detect.bench infer``: batch-1 detection speed, torchvision as-is against a fast path.
+
+Both paths run the same torchvision RetinaNet with the same weights, pre- and post-processing
+included (``model([image])`` -> boxes). The fast path (``fast_path``) changes only how the network
+is executed: BN folded into the convolutions, ``inference_mode``, anchors cached, and on request
+channels-last, a bf16 network with fp32 post-processing, and ``torch.compile``. Before timing, the
+two paths' detections are compared box by box; in fp32 any mismatch is an error (exit code 1).
+
+Random weights would make the timing unrepresentative: the classifier's prior bias puts every
+score at 0.01, below the 0.05 threshold, so post-processing would run on nothing.
+``spread_scores`` rescales the classifier so scores spread widely and every level fills its top-k
+candidates, the heaviest post-processing a trained detector can ask for.
+
+The paths alternate image by image (the order rotating every round) and the table reports medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.image_list import ImageList
+
+from cbn_detect.engine.bench import R50, TINY_ARCH, device_name, torchvision_retinanet
+from cbn_detect.engine.runtime import synchronize
+
+TINY = dict(size=64, images=3, warmup=1)
+DISTINCT_IMAGES = 4  # inputs cycle through this many random images
+
+
+class Autocast(nn.Module):
+    """Runs ``module`` under bf16 autocast and hands back fp32 tensors.
+
+    Autocasting the whole detector would also give torchvision's anchors and box decoding the
+    features' dtype; bf16 cannot hold pixel coordinates of a 512 px image to a pixel, so only the
+    network runs in bf16 and post-processing stays in fp32.
+    """
+
+    def __init__(self, module: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.module = module
+        self.device_type = device_type
+
+    def forward(self, *args: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return _to_float(self.module(*args))
+
+
+def _to_float(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.float()
+    if isinstance(value, Mapping):
+        return type(value)((k, _to_float(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float(v) for v in value)
+    return value
+
+
+class CachedAnchors(nn.Module):
+    """torchvision's anchor generator, memoised.
+
+    Anchors are a function of the padded batch shape and the feature-map sizes only, yet torchvision
+    rebuilds them on every call, a dozen small kernels that show at batch 1.
+    """
+
+    def __init__(self, generator: nn.Module) -> None:
+        super().__init__()
+        self.generator = generator
+        self._cache: dict[tuple[Any, ...], list[Tensor]] = {}
+
+    def forward(self, image_list: ImageList, features: list[Tensor]) -> list[Tensor]:
+        key = (
+            tuple(image_list.tensors.shape),
+            tuple(tuple(f.shape[-2:]) for f in features),
+            features[0].dtype,
+            features[0].device,
+        )
+        if key not in self._cache:
+            self._cache[key] = self.generator(image_list, features)
+        return self._cache[key]
+
+
+def fuse_conv_bn(module: nn.Module) -> nn.Module:
+    """Fold, in place, every eval-mode ``BatchNorm2d`` into the ``Conv2d`` that directly feeds it.
+
+    A norm is folded only where its producer is certain: the conv just before it in an
+    ``nn.Sequential`` (torchvision's downsample and ``Conv2dNormActivation``), or its sibling
+    ``conv<k>`` for a ``bn<k>`` (ResNet blocks and stem, whose forward applies them in that order).
+    Norms shared differently, such as our head's per-level norms after one shared conv, stay.
+    """
+    for child in module.children():
+        fuse_conv_bn(child)
+    if isinstance(module, nn.Sequential):
+        for i in range(len(module) - 1):
+            if _foldable(module[i], module[i + 1]):
+                module[i] = fuse_conv_bn_eval(module[i], module[i + 1])
+                module[i + 1] = nn.Identity()
+    for name, child in list(module.named_children()):
+        conv = getattr(module, "conv" + name[2:], None) if name.startswith("bn") else None
+        if _foldable(conv, child):
+            setattr(module, "conv" + name[2:], fuse_conv_bn_eval(conv, child))
+            setattr(module, name, nn.Identity())
+    return module
+
+
+def _foldable(conv: nn.Module | None, norm: nn.Module) -> bool:
+    return (
+        isinstance(conv, nn.Conv2d)
+        and type(norm) is nn.BatchNorm2d
+        and norm.running_mean is not None
+        and not (conv.training or norm.training)
+    )
+
+
+def fast_path(
+    model: RetinaNet, device: torch.device, dtype: str, channels_last: bool, compile_mode: str | None
+) -> RetinaNet:
+    """An eval-mode copy of ``model`` with the same weights, to be called under ``inference_mode``."""
+    fast = copy.deepcopy(model).eval()
+    fuse_conv_bn(fast.backbone)
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+    if dtype == "bf16":
+        fast.backbone = Autocast(fast.backbone, device.type)
+        fast.head = Autocast(fast.head, device.type)
+    fast.anchor_generator = CachedAnchors(fast.anchor_generator)
+    if compile_mode is not None:
+        fast.backbone.compile(mode=compile_mode)
+        fast.head.compile(mode=compile_mode)
+    return fast
+
+
+@torch.no_grad()
+def spread_scores(model: RetinaNet, image: Tensor, mean: float = -4.0, std: float = 2.0) -> None:
+    """Rescale the classifier so that its logits on ``image`` have this mean and spread.
+
+    With std 2, neighbouring scores in the top-k lie far apart compared with rounding, so the two
+    paths can be compared detection by detection; with mean -4 a third of all (anchor, class)
+    scores pass torchvision's 0.05 threshold.
+    """
+    conv = model.head.classification_head.cls_logits
+    seen: list[Tensor] = []
+    handle = conv.register_forward_hook(lambda _m, _i, out: seen.append(out.flatten().float()))
+    try:
+        model.eval()([image])
+    finally:
+        handle.remove()
+    logits = torch.cat(seen)
+    scale = std / logits.std()
+    conv.weight.mul_(scale)
+    conv.bias.sub_(logits.mean()).mul_(scale).add_(mean)
+
+
+def matched_detections(
+    reference: list[dict[str, Tensor]], fast: list[dict[str, Tensor]], atol: float
+) -> tuple[int, int]:
+    """(reference detections the fast path also found, reference detections).
+
+    Found means a fast detection of the same class with every corner within ``atol`` pixels;
+    matching by position rather than by rank, since rounding may swap two near-equal scores.
+    """
+    matched = total = 0
+    for ref, got in zip(reference, fast):
+        same_class = ref["labels"][:, None] == got["labels"][None, :]
+        distance = (ref["boxes"][:, None, :].float() - got["boxes"][None, :, :].float()).abs().amax(dim=-1)
+        matched += int((same_class & (distance <= atol)).any(dim=1).sum())
+        total += len(ref["boxes"])
+    return matched, total
+
+
+def check(reference: RetinaNet, fast: RetinaNet, images: list[Tensor], atol: float) -> tuple[int, int]:
+    """Both paths' detections on each of ``images``, compared. cuDNN's TF32 is off meanwhile, so
+    that an fp32 fast path is held to fp32 rounding."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            expected = [reference([image])[0] for image in images]
+        with torch.inference_mode():
+            found = [fast([image])[0] for image in images]
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    return matched_detections(expected, found, atol)
+
+
+def timed(call: Callable[[Tensor], None], image: Tensor, device: torch.device) -> float:
+    """One image's wall time (ms), device-synchronised both ends."""
+    synchronize(device)
+    start = time.perf_counter()
+    call(image)
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def benchmark(args: argparse.Namespace) -> tuple[list[tuple[str, float, float, float]], tuple[int, int]]:
+    """Rows (path, median ms per image, FPS, ratio to torchvision) and the detection check."""
+    torch.manual_seed(0)
+    model = torchvision_retinanet(TINY_ARCH if args.tiny else R50, args.size).to(args.device).eval()
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, args.size, args.size, generator=gen).to(args.device) for _ in range(DISTINCT_IMAGES)]
+    spread_scores(model, images[0])
+    fast = fast_path(model, args.device, args.dtype, args.channels_last, args.compile)
+    agreement = check(model, fast, images, args.atol)
+
+    def reference_call(image: Tensor) -> None:
+        with torch.no_grad():
+            model([image])
+
+    def fast_call(image: Tensor) -> None:
+        with torch.inference_mode():
+            fast([image])
+
+    paths = [("torchvision", reference_call), ("fast", fast_call)]
+    times: dict[str, list[float]] = {label: [] for label, _ in paths}
+    for round_ in range(args.warmup + args.images):
+        image = images[round_ % len(images)]
+        shift = round_ % len(paths)
+        for label, call in paths[shift:] + paths[:shift]:
+            elapsed = timed(call, image, args.device)
+            if round_ >= args.warmup:
+                times[label].append(elapsed)
+    medians = [statistics.median(times[label]) for label, _ in paths]
+    rows = [(label, ms, 1e3 / ms, medians[0] / ms) for (label, _), ms in zip(paths, medians)]
+    return rows, agreement
+
+
+def format_table(
+    rows: list[tuple[str, float, float, float]], agreement: tuple[int, int], args: argparse.Namespace
+) -> str:
+    arch = TINY_ARCH if args.tiny else R50
+    header = (
+        f"# infer: torchvision RetinaNet {arch.name} (random weights, scores spread), batch 1 x "
+        f"{args.size}px with pre- and post-processing, device {device_name(args.device)}, "
+        f"torch {torch.__version__}, median of {args.images} interleaved images"
+    )
+    lines = [header, f"{'path':<14}{'ms_per_image':>14}{'fps':>10}{'ratio_to_torchvision':>22}"]
+    lines += [f"{label:<14}{ms:>14.2f}{fps:>10.2f}{ratio:>22.2f}" for label, ms, fps, ratio in rows]
+    steps = ["BN folded into the backbone's convs", "inference_mode", "cached anchors"]
+    steps += ["channels_last"] * args.channels_last
+    steps += ["bf16 backbone and head, fp32 post-processing"] * (args.dtype == "bf16")
+    steps += [f"compiled backbone and head (mode {args.compile})"] * (args.compile is not None)
+    lines.append(f"# fast path: {', '.join(steps)}")
+    matched, total = agreement
+    lines.append(
+        f"# detections: the fast path found {matched}/{total} of torchvision's (same class, corners "
+        f"within {args.atol:g} px)"
+    )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cbn_detect.bench infer", description=__doc__)
+    p.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", type=int, default=512, help="square image side in pixels")
+    p.add_argument("--images", type=int, default=100, help="timed images per path")
+    p.add_argument("--warmup", type=int, default=10, help="untimed images per path")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the fast path's network dtype")
+    p.add_argument("--channels-last", action="store_true", help="the fast path's memory format")
+    p.add_argument(
+        "--compile", nargs="?", const="default", default=None, metavar="MODE",
+        help="torch.compile the fast path's backbone and head (optionally a mode: reduce-overhead "
+        "adds CUDA graphs)",
+    )
+    p.add_argument("--atol", type=float, default=1.0, help="box tolerance (px) of the detection check")
+    p.add_argument(
+        "--tiny", action="store_true",
+        help=f"CPU preset, explicit options win: {TINY}, a {TINY_ARCH.name} model instead of {R50.name}",
+    )
+    if "--tiny" in argv:
+        p.set_defaults(**TINY)
+    return p.parse_args(argv)
+
+
+def run(argv: list[str]) -> int:
+    """Print the table; 1 if an fp32 fast path misses any of torchvision's detections."""
+    args = parse_args(argv)
+    rows, agreement = benchmark(args)
+    print(format_table(rows, agreement, args))
+    matched, total = agreement
+    return 1 if args.dtype == "fp32" and matched < total else 0
