@@ -133,7 +133,7 @@ def test_mismatched_aspect_ratios_name_the_setting() -> None:
 
 def test_the_voc07_ssd300_experiment_is_scratchdets_recipe_on_ssd300() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=voc07_ssd300", "norm=cbn"])
+        cfg = compose("config", overrides=["experiment=voc07_ssd300", "norm=cbn"])
     assert (cfg.model.name, cfg.data.name, cfg.norm.name) == ("ssd300", "voc07", "cbn")
     assert scaled_lr(cfg.optim, total_batch=128) == pytest.approx(0.05)
     assert scaled_lr(cfg.optim, total_batch=cfg.data.batch) == pytest.approx(0.0125)
