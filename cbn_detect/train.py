@@ -28,7 +28,13 @@ from torch.nn.parallel import DistributedDataParallel
 from cbn_detect.data.build import build_dataset, class_names, dataset_problems, train_loader
 from cbn_detect.data.errors import DatasetError
 from cbn_detect.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from cbn_detect.engine.distributed import DistInfo, broadcast_object, init_distributed, shutdown
+from cbn_detect.engine.distributed import (
+    DistInfo,
+    broadcast_buffers,
+    broadcast_object,
+    init_distributed,
+    shutdown,
+)
 from cbn_detect.engine.optim import build_optimizer, build_scheduler
 from cbn_detect.engine.precision import Precision
 from cbn_detect.engine.results import RESULTS_FILE, loss_variance, write_results
@@ -230,6 +236,7 @@ def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dict[
     gt = ground_truth(test_set.ground_truth())
 
     def score() -> dict[str, Any] | None:
+        broadcast_buffers(net, info)  # every shard evaluates the weights rank 0 checkpoints
         return evaluate(
             net, test_set, gt, classes, device, info,
             batch=int(cfg.eval.batch), workers=int(cfg.data.workers), metrics=list(cfg.eval.metrics),

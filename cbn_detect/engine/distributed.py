@@ -60,6 +60,16 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Give every process rank 0's buffers (BN running statistics): DDP broadcasts them before each
+    training forward, but each process then updates its own copy, so they differ afterwards."""
+    if info.world_size == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's ``obj``, in rank order (on every rank); a list of one without a process group."""
     if info.world_size == 1:
