@@ -31,10 +31,13 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> Detec
     for images, targets in loader:
         outputs = model([image.to(device, non_blocking=True) for image in images])
         for target, output in zip(targets, outputs):
+            # Label 0 is background: SSD never emits it, and RetinaNet's never-trained logit 0
+            # (torchvision's one-hot focal loss) can only pass a very low score_thresh.
+            keep = (output["labels"] > 0).cpu()
             image_ids.append(str(target["image_id"]))
-            boxes.append(output["boxes"].detach().cpu().double().numpy().reshape(-1, 4))
-            scores.append(output["scores"].detach().cpu().double().numpy())
-            labels.append(output["labels"].detach().cpu().numpy().astype(np.int64))
+            boxes.append(output["boxes"].detach().cpu()[keep].double().numpy().reshape(-1, 4))
+            scores.append(output["scores"].detach().cpu()[keep].double().numpy())
+            labels.append(output["labels"].detach().cpu()[keep].numpy().astype(np.int64))
     model.train(was_training)
     return Detections(image_ids=image_ids, boxes=boxes, scores=scores, labels=labels)
 
