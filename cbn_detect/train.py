@@ -40,7 +40,7 @@ from cbn_detect.engine.precision import Precision
 from cbn_detect.engine.results import RESULTS_FILE, loss_variance, write_results
 from cbn_detect.engine.runtime import resolve_device, seed_everything, set_cudnn_benchmark
 from cbn_detect.engine.signals import TrainingInterrupted
-from cbn_detect.engine.trainer import LoopSettings, TrainingDiverged, fit
+from cbn_detect.engine.trainer import Loop, LoopSettings, TrainingDiverged, fit
 from cbn_detect.evaluation.evaluator import evaluate, ground_truth
 from cbn_detect.evaluation.fps import measure_fps
 from cbn_detect.models import build_detector
@@ -254,9 +254,8 @@ def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dict[
 
     try:
         settings = loop_settings(cfg, show_progress(str(cfg.train.progress), info))
-        state = fit(
-            model, loader, optimizer, scheduler, device, state, settings, sinks, checkpoint, end_of_epoch, precision
-        )
+        loop = Loop(model, loader, optimizer, scheduler, device, settings, sinks, checkpoint, precision)
+        state = fit(loop, state, end_of_epoch)
     except TrainingDiverged as err:
         log.error("%s", err)
         results = {"status": "diverged", **identity(cfg, info.world_size), "error": str(err), **train_summary(state)}

@@ -43,6 +43,21 @@ class LoopSettings:
     diagnostics_every: int = 50
 
 
+@dataclass
+class Loop:
+    """What every training step uses, assembled once by the composition root."""
+
+    model: nn.Module
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    settings: LoopSettings
+    sinks: Sequence[MetricSink]
+    checkpoint: Callable[[], None]
+    precision: Precision
+
+
 def to_device(
     images: Sequence[torch.Tensor], targets: Sequence[dict[str, Any]], device: torch.device
 ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
@@ -83,39 +98,27 @@ def _skip_nonfinite(
         checkpoint()
         raise TrainingDiverged(
             f"training diverged: {state.nonfinite_consecutive} consecutive steps with a non-finite loss or "
-            f"gradient (last: {what}) at step {state.step + 1}. The weights before the first skipped step are checkpointed. "
-            "Try a lower optim.lr, a longer optim.warmup.iters, train.max_grad_norm, or a batch-independent "
+            f"gradient (last: {what}) at step {state.step + 1}. The weights before the first skipped step "
+            "are checkpointed. Try a lower optim.lr, a longer optim.warmup.iters, train.max_grad_norm, or a batch-independent "
             "norm (gn) at this batch size."
         )
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    device: torch.device,
-    state: TrainState,
-    settings: LoopSettings,
-    sinks: Sequence[MetricSink],
-    checkpoint: Callable[[], None],
-    watch: SignalWatch,
-    monitor: GradientMonitor,
-    precision: Precision,
-) -> None:
+def train_one_epoch(loop: Loop, state: TrainState, watch: SignalWatch, monitor: GradientMonitor) -> None:
     """One pass over the loader (or what is left of it after a mid-epoch resume).
 
     Every step checks that the loss and the gradient norm are finite before the optimizer moves:
     one device sync per step, the price of never stepping on a NaN.
     """
+    model, optimizer, settings, sinks, precision = loop.model, loop.optimizer, loop.settings, loop.sinks, loop.precision
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     clip = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
     window_start, window_images = time.perf_counter(), 0
     last = window_start
-    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{settings.epochs}", disable=not settings.progress, leave=False)
+    bar = tqdm(loop.loader, desc=f"epoch {state.epoch + 1}/{settings.epochs}", disable=not settings.progress, leave=False)
     for images, targets in bar:
-        images, targets = to_device(images, targets, device)
+        images, targets = to_device(images, targets, loop.device)
         with precision.autocast():
             loss_terms = model(images, targets)
         loss_terms = {k: v.float() for k, v in loss_terms.items()}
@@ -149,8 +152,8 @@ def train_one_epoch(
             state.recent_losses = (state.recent_losses + [value])[-settings.loss_window :]
         else:
             precision.skip()
-            _skip_nonfinite(model, loss_terms, loss_finite, state, settings, sinks, checkpoint)
-        scheduler.step()
+            _skip_nonfinite(model, loss_terms, loss_finite, state, settings, sinks, loop.checkpoint)
+        loop.scheduler.step()
         state.step += 1
         state.epoch_step += 1
         now = time.perf_counter()
@@ -158,7 +161,7 @@ def train_one_epoch(
         last = now
         window_images += len(images)
         if state.step % settings.log_every == 0:
-            synchronize(device)
+            synchronize(loop.device)
             elapsed = time.perf_counter() - window_start
             record = {
                 "epoch": state.epoch + 1,
@@ -173,40 +176,25 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             window_start, window_images = time.perf_counter(), 0
         if watch.received is not None:
-            checkpoint()
+            loop.checkpoint()
             watch.hand_on(state.step)
 
 
-def fit(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    device: torch.device,
-    state: TrainState,
-    settings: LoopSettings,
-    sinks: Sequence[MetricSink],
-    checkpoint: Callable[[], None],
-    end_of_epoch: Callable[[TrainState], None],
-    precision: Precision,
-) -> TrainState:
-    """Train from ``state`` to ``settings.epochs``; checkpoint each epoch and on SIGTERM/SIGUSR1."""
-    monitor = GradientMonitor(model)
+def fit(loop: Loop, state: TrainState, end_of_epoch: Callable[[TrainState], None]) -> TrainState:
+    """Train from ``state`` to ``settings.epochs``; checkpoint each epoch and on SIGTERM/SIGUSR1/2."""
+    monitor = GradientMonitor(loop.model)
     with SignalWatch() as watch:
-        while state.epoch < settings.epochs:
-            start_epoch(loader, state.epoch, state.epoch_step)
+        while state.epoch < loop.settings.epochs:
+            start_epoch(loop.loader, state.epoch, state.epoch_step)
             if state.epoch_step == 0:
                 state.epoch_losses = []
             start = time.perf_counter()
-            train_one_epoch(
-                model, loader, optimizer, scheduler, device, state, settings, sinks, checkpoint, watch, monitor,
-                precision,
-            )
+            train_one_epoch(loop, state, watch, monitor)
             state.epoch += 1
             state.epoch_step = 0
             log.info(
                 "epoch %d/%d done: mean loss %.4f, %.1f s",
-                state.epoch, settings.epochs, float(np.mean(state.epoch_losses)) if state.epoch_losses else math.nan,
+                state.epoch, loop.settings.epochs, float(np.mean(state.epoch_losses)) if state.epoch_losses else math.nan,
                 time.perf_counter() - start,
             )
             end_of_epoch(state)
