@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ifndef DEMO_DIR
 DEMO_DIR := multirun/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
 endif
-DEMO_ARGS ?= data.batch=4,8,16 threads=1 hydra.sweep.dir=$(DEMO_DIR)
+DEMO_ARGS ?= data.batch=4,8,16 threads=1 eval.fps_images=50 hydra.sweep.dir=$(DEMO_DIR)
 
 .PHONY: demo test venv clean
 

@@ -152,3 +152,14 @@ def test_a_tiny_ssd_run_writes_results(tmp_path: Path) -> None:
     assert results["status"] == "completed" and results["model"] == "ssd_tiny"
     assert results["steps"] == 2 * (16 // 4)
     assert 0.0 <= results["map_voc07"] <= 1.0
+
+
+def test_the_resnet50_ssd300_has_ssd300s_maps_and_default_boxes() -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model=ssd300_r50"])
+    model = build_detector(cfg.model, num_classes=20).eval()
+    with torch.no_grad():
+        features = list(model.backbone(torch.zeros(1, 3, 300, 300)).values())
+    assert [tuple(f.shape[-2:]) for f in features] == [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
+    anchors = model.anchor_generator(ImageList(torch.zeros(1, 3, 300, 300), [(300, 300)]), features)
+    assert anchors[0].shape == (8732, 4)
