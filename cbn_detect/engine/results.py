@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ from cbn_detect.engine import io
 RESULTS_FILE = "results.json"
 
 
-def loss_variance(losses: list[float]) -> float:
-    """Population variance of the per-iteration training loss over the last completed epoch.
+def loss_variance(losses: Sequence[float]) -> float:
+    """Population variance of per-iteration training losses: the last completed epoch's for
+    ``loss_variance``, the last ``train.loss_window`` iterations' for ``loss_variance_window``.
 
     NaN when there are fewer than two iterations or a loss was non-finite: a number there would be
     the "0.0" that hid the original study's bugs.

@@ -19,6 +19,7 @@ from cbn_detect.data.build import start_epoch
 from cbn_detect.engine.checkpoint import TrainState
 from cbn_detect.engine.diagnostics import GradientMonitor, first_names, nonfinite_gradients, nonfinite_terms
 from cbn_detect.engine.precision import Precision
+from cbn_detect.engine.results import loss_variance
 from cbn_detect.engine.runtime import synchronize
 from cbn_detect.engine.signals import SignalWatch
 from cbn_detect.norm import norm_diagnostics
@@ -72,10 +73,6 @@ def to_device(
 def _log(sinks: Sequence[MetricSink], record: dict[str, Any], step: int) -> None:
     for sink in sinks:
         sink.log(record, step)
-
-
-def _variance(values: Sequence[float]) -> float:
-    return float(np.var(values)) if len(values) >= 2 else math.nan
 
 
 def _skip_nonfinite(
@@ -167,7 +164,7 @@ def train_one_epoch(loop: Loop, state: TrainState, watch: SignalWatch, monitor: 
                 "epoch": state.epoch + 1,
                 "loss": loss.item(),
                 **{f"loss/{k}": v.item() for k, v in loss_terms.items()},
-                "loss_variance_window": _variance(state.recent_losses),
+                "loss_variance_window": loss_variance(state.recent_losses),
                 "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": grad_norm.item(),
                 "images_per_s": window_images / max(elapsed, 1e-9),
