@@ -1,11 +1,14 @@
 """Compare the runs of a sweep: ``python -m cbn_detect.report [<sweep_dir>]``.
 
 Reads every job's ``results.json`` (and notices job directories without one), prints a table of
-model x norm x batch with mean +- std over seeds, and writes ``report.md`` and ``results.csv`` into
-the sweep directory. Failed, diverged and unfinished jobs are listed as such, never dropped.
+model x norm x batch (images per process) with n and mean +- std over seeds, then each norm's
+paired difference to BN in VOC07 mAP with a 95% t-interval over seeds, and writes both into
+``report.md`` (and every job into ``results.csv``) in the sweep directory. Failed, diverged,
+skipped and unfinished jobs are listed as such, never dropped. The statistics live in
+``cbn_detect.stats``; this module reads runs, lays out tables and draws.
 
 It also draws the study's figures into the sweep directory, embedded in ``report.md``:
-``map_vs_batch.png`` (the headline: how detection quality holds up as the batch per GPU shrinks),
+``map_vs_batch.png`` (the headline: how detection quality holds up as the images per process shrink),
 ``loss_curves.png`` (training loss per norm at each batch size, from ``metrics.jsonl``) and
 ``loss_variance.png`` (how noisy training is per norm). A grid point without a completed run is
 drawn as a cross on the axis, and a run that did not complete as a dashed loss curve.
@@ -18,7 +21,6 @@ import csv
 import io as text_io
 import json
 import logging
-import math
 import os
 import sys
 from collections import defaultdict
@@ -31,12 +33,16 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cbn_detect import stats
 from cbn_detect.engine import io
 
 log = logging.getLogger(__name__)
 
+BASELINE_NORM = "bn"
+HEADLINE_METRIC = "map_voc07"
+
 FIGURES: tuple[tuple[str, str], ...] = (
-    ("map_vs_batch.png", "VOC07 mAP against batch size per GPU"),
+    ("map_vs_batch.png", "VOC07 mAP against images per process"),
     ("loss_curves.png", "Training loss per norm at each batch size"),
     ("loss_variance.png", "Training loss variance (last epoch) per norm"),
 )
@@ -48,6 +54,22 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("fps_model", "FPS"),
     ("loss_variance", "loss var"),
     ("train_time_s", "train s"),
+)
+
+SUMMARY_NOTE = (
+    "One row per (model, norm, images per process): `procs` is the world size and `total batch` = "
+    "batch x procs, taken from the completed runs; `n` is the number of completed seeds and each number "
+    "is their mean ± sample standard deviation (ddof = 1; a single value when n = 1); `runs` counts the "
+    "cell's jobs by status."
+)
+
+PAIRED_NOTE = (
+    f"Δ = norm − {BASELINE_NORM} in VOC07 mAP between two completed runs with the same model, images per "
+    "process, world size and seed (paired by seed, so what a seed shares between the two runs cancels); "
+    "a seed where either run did not complete is left out, and `pairs` counts the seeds left. "
+    "Δ is the mean over those seeds; 95% CI is the Student-t interval of that mean over seeds, "
+    "Δ ± t(0.975, pairs − 1) · sd(Δ) / √pairs, and \"-\" with fewer than 2 pairs. An interval that "
+    "excludes 0 is a difference larger than the seed-to-seed spread of this sweep explains."
 )
 
 
@@ -94,43 +116,131 @@ def _flatten(results: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _finite(values: Sequence[Any]) -> list[float]:
-    return [float(v) for v in values if v is not None and math.isfinite(v)]
-
-
-def _mean_std(values: Sequence[float]) -> str:
-    finite = _finite(values)
-    if not finite:
+def _mean_std(values: Sequence[Any]) -> str:
+    estimate = stats.estimate(values)
+    if estimate.mean is None:
         return "-"
-    if len(finite) == 1:
-        return f"{finite[0]:.4g}"
-    return f"{np.mean(finite):.4g} ± {np.std(finite, ddof=1):.2g}"
+    if estimate.std is None:
+        return f"{estimate.mean:.4g}"
+    return f"{estimate.mean:.4g} ± {estimate.std:.2g}"
 
 
 def _group_key(row: dict[str, Any]) -> tuple[str, str, int]:
     return str(row.get("model")), str(row.get("norm")), int(row.get("batch") or 0)
 
 
-def summary_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table: one line per (model, norm, batch), completed runs averaged over seeds."""
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+def _cells(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, int], list[dict[str, Any]]]:
+    """The jobs of each (model, norm, batch) cell, cells in sorted order."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[_group_key(row)].append(row)
-    header = ["model", "norm", "batch", "runs"] + [title for _, title in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (model, norm, batch), members in sorted(groups.items()):
-        done = [m for m in members if m.get("status") == "completed"]
-        statuses = defaultdict(int)
-        for m in members:
-            statuses[m.get("status", "unknown")] += 1
-        runs = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
-        cells = [_mean_std([m.get(key) for m in done]) for key, _ in COLUMNS]
-        lines.append("| " + " | ".join([model, norm, str(batch), runs, *cells]) + " |")
+    return dict(sorted(groups.items()))
+
+
+def _completed(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [row for row in rows if row.get("status") == "completed"]
+
+
+def _markdown_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _markdown_header(header: Sequence[str]) -> list[str]:
+    return [_markdown_row(header), "|" + "---|" * len(header)]
+
+
+def _processes(members: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    """(world size, total batch) of a cell as table text.
+
+    Taken from the completed runs, which the cell's numbers come from (a failed job may not know
+    its world size); from all the cell's jobs when none completed. Mixed values are shown, not
+    hidden, since averaging runs of different world sizes mixes two experiments.
+    """
+    known = [m for m in (_completed(members) or members) if m.get("world_size") is not None]
+    settings = sorted({_world_and_total(m) for m in known})
+    if not settings:
+        return "-", "-"
+    if len(settings) > 1:
+        model, norm, batch = _group_key(members[0])
+        log.warning("%s %s batch %d mixes world sizes %s", model, norm, batch, [w for w, _ in settings])
+    return ", ".join(str(w) for w, _ in settings), ", ".join(str(t) for _, t in settings)
+
+
+def _world_and_total(row: dict[str, Any]) -> tuple[int, int]:
+    world_size = int(row["world_size"])
+    return world_size, int(row.get("total_batch") or world_size * int(row.get("batch") or 0))
+
+
+def _status_counts(members: Sequence[dict[str, Any]]) -> str:
+    counts: dict[str, int] = defaultdict(int)
+    for member in members:
+        counts[str(member.get("status", "unknown"))] += 1
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table: one line per (model, norm, batch), completed runs averaged over seeds."""
+    header = ["model", "norm", "batch", "procs", "total batch", "n", "runs", *(title for _, title in COLUMNS)]
+    lines = _markdown_header(header)
+    for (model, norm, batch), members in _cells(rows).items():
+        done = _completed(members)
+        numbers = [_mean_std([m.get(key) for m in done]) for key, _ in COLUMNS]
+        identity = [model, norm, str(batch), *_processes(members)]
+        lines.append(_markdown_row([*identity, str(len(done)), _status_counts(members), *numbers]))
     return "\n".join(lines)
 
 
+def _by_seed(members: Sequence[dict[str, Any]]) -> dict[tuple[Any, Any], Any]:
+    """The paired metric of each completed run keyed by (seed, world size), the pairing key: runs
+    pair only when they share everything but the norm. A repeated key keeps the first job."""
+    values: dict[tuple[Any, Any], Any] = {}
+    for member in sorted(_completed(members), key=lambda m: str(m.get("job_dir"))):
+        key = (member.get("seed"), member.get("world_size"))
+        if key in values:
+            log.warning("%s repeats seed %s at world size %s; only the first is paired", member.get("job_dir"), *key)
+            continue
+        values[key] = member.get(HEADLINE_METRIC)
+    return values
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.4f}"
+
+
+def paired_table(rows: Sequence[dict[str, Any]]) -> str | None:
+    """Markdown table of each non-baseline cell's paired difference to BN; None without both kinds."""
+    cells = _cells(rows)
+    if not any(norm == BASELINE_NORM for _, norm, _ in cells):
+        return None
+    header = ["model", "norm", "batch", "procs", "pairs", f"Δ VOC07 mAP vs {BASELINE_NORM}", "95% CI"]
+    lines = _markdown_header(header)
+    for (model, norm, batch), members in cells.items():
+        if norm == BASELINE_NORM:
+            continue
+        baseline = _by_seed(cells.get((model, BASELINE_NORM, batch), []))
+        differences = stats.paired_differences(_by_seed(members), baseline)
+        procs = ", ".join(str(w) for w in sorted({w for _, w in differences if w is not None})) or "-"
+        diff = stats.estimate(differences.values())
+        mean = "-" if diff.mean is None else _signed(diff.mean)
+        interval = "-" if diff.low is None or diff.high is None else f"[{_signed(diff.low)}, {_signed(diff.high)}]"
+        lines.append(_markdown_row([model, norm, str(batch), procs, str(diff.n), mean, interval]))
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
+def paired_section(rows: Sequence[dict[str, Any]]) -> str:
+    """The "Paired difference to BN" section: heading, what the numbers mean, the table."""
+    heading = f"## Paired difference to {BASELINE_NORM.upper()} (VOC07 mAP)"
+    table = paired_table(rows)
+    if table is None:
+        return f"{heading}\n\nNothing to pair: the sweep needs `{BASELINE_NORM}` and at least one other norm."
+    return f"{heading}\n\n{PAIRED_NOTE}\n\n{table}"
+
+
 def results_csv(rows: Sequence[dict[str, Any]]) -> str:
-    fields = ["job_dir", "status", "model", "norm", "batch", "world_size", "seed", *(k for k, _ in COLUMNS), "error"]
+    fields = [
+        "job_dir", "status", "model", "norm", "batch", "world_size", "total_batch", "seed",
+        *(k for k, _ in COLUMNS), "reason", "error",
+    ]
     out = text_io.StringIO()
     writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -172,41 +282,65 @@ def _norm_colors(norms: Sequence[str]) -> dict[str, Any]:
     return {norm: palette[i % len(palette)] for i, norm in enumerate(norms)}
 
 
+def _dodge(norms: Sequence[str], step: float = 0.06) -> dict[str, float]:
+    """A small factor per norm on the log-2 batch axis, so error bars at one batch do not hide each other."""
+    return {norm: 2.0 ** ((i - (len(norms) - 1) / 2) * step) for i, norm in enumerate(norms)}
+
+
 def plot_map_vs_batch(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """One panel per model, one line per norm: mean VOC07 mAP over completed seeds, +- std."""
+    """One panel per model, one line per norm: mean VOC07 mAP over completed seeds with its 95% t-CI.
+
+    The interval (not the std) is drawn because the figure's question is whether two norms differ;
+    a cell with one seed has no interval and is drawn as an open marker, one with none as a cross.
+    """
     models = sorted({str(r.get("model")) for r in rows})
     norms = sorted({str(r.get("norm")) for r in rows})
     colors = _norm_colors(norms)
+    dodge = _dodge(norms)
+    cells = _cells(rows)
     figure = Figure()
     for ax, model in zip(_axes_grid(figure, len(models)), models):
-        missing_label = "no completed run"
         for norm in norms:
-            members = [r for r in rows if str(r.get("model")) == model and str(r.get("norm")) == norm]
-            batches = sorted({int(r.get("batch") or 0) for r in members})
-            xs, means, stds, missing = [], [], [], []
-            for batch in batches:
-                values = _finite([r.get("map_voc07") for r in members if int(r.get("batch") or 0) == batch and r.get("status") == "completed"])
-                if values:
-                    xs.append(batch)
-                    means.append(float(np.mean(values)))
-                    stds.append(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+            points: list[tuple[float, stats.Estimate]] = []
+            missing: list[float] = []
+            for batch in sorted(b for m, n, b in cells if (m, n) == (model, norm)):
+                estimate = stats.estimate(r.get(HEADLINE_METRIC) for r in _completed(cells[(model, norm, batch)]))
+                if estimate.mean is None:
+                    missing.append(batch * dodge[norm])
                 else:
-                    missing.append(batch)
-            if xs:
-                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=colors[norm], label=norm)
-            if missing:
-                ax.scatter(missing, [0.0] * len(missing), marker="x", s=60, color=colors[norm], label=f"{norm}: {missing_label}")
+                    points.append((batch * dodge[norm], estimate))
+            _draw_norm(ax, norm, colors[norm], points, missing)
+        batches = sorted({b for m, _, b in cells if m == model})
         ax.set_xscale("log", base=2)
-        batches = sorted({int(r.get("batch") or 0) for r in rows if str(r.get("model")) == model})
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.minorticks_off()
-        ax.set_xlabel("batch per GPU")
+        ax.set_xlabel("images per process")
         ax.set_ylabel("VOC07 mAP")
         ax.set_ylim(bottom=-0.02)
         ax.set_title(model)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    figure.suptitle(
+        "mean over seeds; bars: 95% t-CI of the mean (n ≥ 2), open marker: 1 seed, ×: no completed run",
+        fontsize="small",
+    )
     _save_png(figure, path)
+
+
+def _draw_norm(
+    ax: Axes, norm: str, color: Any, points: Sequence[tuple[float, stats.Estimate]], missing: Sequence[float]
+) -> None:
+    """One norm's line: (x, estimate) points with their intervals, crosses on the axis at ``missing``."""
+    if points:
+        xs = [x for x, _ in points]
+        means = [e.mean for _, e in points]
+        bars = [e.half_width or 0.0 for _, e in points]
+        ax.errorbar(xs, means, yerr=bars, marker="o", capsize=3, color=color, label=norm)
+        single = [(x, e.mean) for x, e in points if e.n == 1]
+        if single:
+            ax.scatter(*zip(*single), marker="o", s=30, facecolors="white", edgecolors=color, zorder=3)
+    if missing:
+        ax.scatter(missing, [0.0] * len(missing), marker="x", s=60, color=color, label=f"{norm}: no completed run")
 
 
 def plot_loss_curves(rows: Sequence[dict[str, Any]], sweep_dir: Path, path: Path) -> None:
@@ -242,7 +376,7 @@ def plot_loss_variance(rows: Sequence[dict[str, Any]], path: Path) -> None:
     for row in rows:
         values = groups[_group_key(row)]  # every grid point of the sweep, with or without a number
         if row.get("status") == "completed":
-            values += _finite([row.get("loss_variance")])
+            values += stats.finite([row.get("loss_variance")])
     models = sorted({str(r.get("model")) for r in rows})
     norms = sorted({str(r.get("norm")) for r in rows})
     batches = sorted({int(r.get("batch") or 0) for r in rows})
@@ -274,23 +408,34 @@ def write_figures(rows: Sequence[dict[str, Any]], sweep_dir: Path) -> list[Path]
     return paths
 
 
+def _problem_line(row: dict[str, Any]) -> str:
+    """One job that did not complete, with why: a skipped job's ``reason``, else the ``error``."""
+    why = row.get("reason") or row.get("error")
+    return f"- `{row['job_dir']}`: {row.get('status')}" + (f" ({why})" if why else "")
+
+
+def report_markdown(sweep_dir: Path, rows: Sequence[dict[str, Any]], summary: str, paired: str) -> str:
+    """report.md: both tables with what their numbers mean, every job that did not complete, the figures."""
+    text = [f"# Sweep {sweep_dir}", "", "## Summary", "", SUMMARY_NOTE, "", summary, "", paired, ""]
+    problems = [r for r in rows if r.get("status") != "completed"]
+    if problems:
+        text += ["## Jobs that did not complete", "", *map(_problem_line, problems), ""]
+    text += ["## Figures", ""]
+    text += [f"![{title}]({name})\n" for name, title in FIGURES]
+    return "\n".join(text)
+
+
 def write_report(sweep_dir: Path) -> str:
+    """Write report.md, results.csv and the figures; return what the CLI prints (the two tables)."""
     rows = collect_runs(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"{sweep_dir} holds no job directories (folders with .hydra/)")
-    table = summary_table(rows)
-    problems = [r for r in rows if r.get("status") != "completed"]
-    text = [f"# Sweep {sweep_dir}", "", table, ""]
-    if problems:
-        text += ["## Jobs that did not complete", ""]
-        text += [f"- `{r['job_dir']}`: {r.get('status')}" + (f" ({r['error']})" if r.get("error") else "") for r in problems]
-        text.append("")
+    summary = summary_table(rows)
+    paired = paired_section(rows)
     write_figures(rows, sweep_dir)
-    text += ["## Figures", ""]
-    text += [f"![{title}]({name})\n" for name, title in FIGURES]
-    io.write_text(sweep_dir / "report.md", "\n".join(text))
+    io.write_text(sweep_dir / "report.md", report_markdown(sweep_dir, rows, summary, paired))
     io.write_text(sweep_dir / "results.csv", results_csv(rows))
-    return table
+    return f"{summary}\n\n{paired}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,11 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         sweep_dir = args.sweep_dir or newest_sweep()
         if not sweep_dir.is_dir():
             raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
-        table = write_report(sweep_dir)
+        tables = write_report(sweep_dir)
     except FileNotFoundError as err:
         print(f"cbn_detect.report: {err}", file=sys.stderr)
         return 2
-    print(table)
+    print(tables)
     print(f"\nwritten: {sweep_dir / 'report.md'}, {sweep_dir / 'results.csv'}, " + ", ".join(name for name, _ in FIGURES))
     return 0
 

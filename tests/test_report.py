@@ -1,19 +1,32 @@
-"""The sweep report on a sweep directory written by hand: no training, known numbers."""
+"""The sweep report on sweep directories written by hand: no training, known numbers.
+
+Expected statistics are computed here with numpy from the numbers written into the sweep, and
+t quantiles are copied from a printed table, never taken from the code under test.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from matplotlib import image as mpimg
 
-from cbn_detect.report import FIGURES, collect_runs, load_loss_curve, main, summary_table
+from cbn_detect.report import FIGURES, collect_runs, load_loss_curve, main, paired_section, summary_table
 
+REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+T_0975 = {1: 12.7062, 2: 4.3027}  # Student-t 97.5% quantiles by degrees of freedom, from a printed table
 
 
-def _job(sweep: Path, norm: str, batch: int, seed: int, results: dict | None, losses: list[float]) -> Path:
+def _job(
+    sweep: Path, norm: str, batch: int, seed: int, results: dict | None, losses: list[float], world_size: int = 1
+) -> Path:
     """A job directory as Hydra and train.py leave it; ``results=None`` is a job that never finished."""
     job = sweep / "retinanet_tiny" / norm / f"batch_{batch}" / f"seed_{seed}"
     (job / ".hydra").mkdir(parents=True)
@@ -23,7 +36,10 @@ def _job(sweep: Path, norm: str, batch: int, seed: int, results: dict | None, lo
     lines = [json.dumps({"step": i + 1, "epoch": 1, "loss": loss}) for i, loss in enumerate(losses)]
     (job / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if results is not None:
-        identity = {"model": "retinanet_tiny", "norm": norm, "batch": batch, "world_size": 1, "total_batch": batch, "seed": seed}
+        identity = {
+            "model": "retinanet_tiny", "norm": norm, "batch": batch, "world_size": world_size,
+            "total_batch": batch * world_size, "seed": seed,
+        }
         (job / "results.json").write_text(json.dumps({**identity, **results}))
     return job
 
@@ -55,6 +71,7 @@ def sweep(tmp_path: Path) -> Path:
 
 
 def _row(table: str, norm: str, batch: int) -> list[str]:
+    """The cells of the first table line for (norm, batch)."""
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells[:3] == ["retinanet_tiny", norm, str(batch)]:
@@ -64,12 +81,15 @@ def _row(table: str, norm: str, batch: int) -> list[str]:
 
 def test_table_averages_completed_seeds_and_counts_the_others(sweep: Path) -> None:
     table = summary_table(collect_runs(sweep))
-    # columns: model norm batch runs | VOC07 mAP, area mAP, COCO AP50, FPS, loss var, train s
-    assert _row(table, "bn", 2)[3:] == ["2 completed", "0.3 ± 0.14", "0.15 ± 0.071", "0.4 ± 0.14", "20 ± 14", "0.03 ± 0.014", "100 ± 0"]
-    assert _row(table, "bn", 8)[3:5] == ["2 completed", "0.55 ± 0.071"]
-    assert _row(table, "cbn", 2)[3:5] == ["1 completed, 1 failed", "0.45"]
-    assert _row(table, "cbn", 8)[3:5] == ["1 completed, 1 unfinished", "0.6"]
-    assert _row(table, "gn", 2)[3:] == ["1 diverged", "-", "-", "-", "-", "-", "-"]
+    # columns: model norm batch procs "total batch" n runs | VOC07 mAP, area mAP, COCO AP50, FPS, loss var, train s
+    assert _row(table, "bn", 2)[3:] == [
+        "1", "2", "2", "2 completed",
+        "0.3 ± 0.14", "0.15 ± 0.071", "0.4 ± 0.14", "20 ± 14", "0.03 ± 0.014", "100 ± 0",
+    ]
+    assert _row(table, "bn", 8)[3:8] == ["1", "8", "2", "2 completed", "0.55 ± 0.071"]
+    assert _row(table, "cbn", 2)[5:8] == ["1", "1 completed, 1 failed", "0.45"]
+    assert _row(table, "cbn", 8)[5:8] == ["1", "1 completed, 1 unfinished", "0.6"]
+    assert _row(table, "gn", 2)[3:] == ["1", "2", "0", "1 diverged", "-", "-", "-", "-", "-", "-"]
 
 
 def test_loss_curve_reader_skips_a_line_cut_short(sweep: Path) -> None:
@@ -80,7 +100,7 @@ def test_loss_curve_reader_skips_a_line_cut_short(sweep: Path) -> None:
 
 def test_cli_writes_report_csv_and_figures(sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(sweep)]) == 0
-    assert "| retinanet_tiny | bn | 2 | 2 completed | 0.3 ± 0.14 |" in capsys.readouterr().out
+    assert "| retinanet_tiny | bn | 2 | 1 | 2 | 2 | 2 completed | 0.3 ± 0.14 |" in capsys.readouterr().out
     report = (sweep / "report.md").read_text()
     for name, _ in FIGURES:
         png = (sweep / name).read_bytes()
@@ -100,3 +120,159 @@ def test_cli_finds_the_newest_sweep_and_explains_an_empty_one(sweep: Path, tmp_p
     monkeypatch.chdir(tmp_path)  # the default: the newest sweep under ./multirun
     assert main([]) == 0
     assert (sweep / "map_vs_batch.png").exists()
+
+
+# The study's grid on 2 processes: 3 seeds of bn/syncbn/cbn/gn at 2 and 8 images per process.
+# None: the seed did not complete (see STUDY_FAILURES); syncbn at batch 2 is skipped as a whole.
+STUDY_MAP = {
+    ("bn", 2): [0.30, 0.34, 0.29],
+    ("bn", 8): [0.50, 0.55, 0.52],
+    ("syncbn", 2): [None, None, None],
+    ("syncbn", 8): [0.51, 0.54, 0.53],
+    ("cbn", 2): [0.36, None, 0.33],
+    ("cbn", 8): [0.52, 0.56, 0.50],
+    ("gn", 2): [0.33, 0.35, 0.30],
+    ("gn", 8): [0.45, None, None],
+}
+SKIP_REASON = "syncbn at 2 images per process: the lead's reason"
+STUDY_FAILURES = {
+    ("syncbn", 2, 0): {"status": "skipped", "reason": SKIP_REASON},
+    ("syncbn", 2, 1): {"status": "skipped", "reason": SKIP_REASON},
+    ("syncbn", 2, 2): {"status": "skipped", "error": "skipped without a reason field"},
+    ("cbn", 2, 1): {"status": "failed", "error": "RuntimeError: CUDA out of memory"},
+    ("gn", 8, 1): {"status": "diverged", "error": "loss is nan", "map_voc07": math.nan},
+    ("gn", 8, 2): {"status": "diverged", "error": "loss is inf"},
+}
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> Path:
+    sweep = tmp_path / "study"
+    sweep.mkdir()
+    for (norm, batch), maps in STUDY_MAP.items():
+        for seed, value in enumerate(maps):
+            results = _done(value, 0.01) if value is not None else STUDY_FAILURES[(norm, batch, seed)]
+            _job(sweep, norm, batch, seed, results, [2.0, 1.5 - 0.1 * seed, 1.2], world_size=2)
+    return sweep
+
+
+def _sections(printed: str) -> tuple[str, str]:
+    """(summary table, paired-difference section) of the CLI's output, in that order."""
+    summary, heading, paired = printed.partition("## Paired difference to BN (VOC07 mAP)")
+    assert heading, printed
+    return summary, paired
+
+
+def _expected_pairs(norm: str, batch: int) -> np.ndarray:
+    """norm - bn per seed where both completed, computed here independently of the report."""
+    treated, base = STUDY_MAP[(norm, batch)], STUDY_MAP[("bn", batch)]
+    return np.array([t - b for t, b in zip(treated, base) if t is not None and b is not None])
+
+
+def test_study_summary_gives_processes_n_and_mean_std(study: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(study)]) == 0
+    summary, _ = _sections(capsys.readouterr().out)
+    for (norm, batch), maps in STUDY_MAP.items():
+        done = np.array([v for v in maps if v is not None])
+        procs, total, n, runs, voc07 = _row(summary, norm, batch)[3:8]
+        assert (procs, total, n) == ("2", str(2 * batch), str(done.size)), (norm, batch)
+        if done.size == 0:
+            assert voc07 == "-"
+        elif done.size == 1:
+            assert float(voc07) == pytest.approx(done[0])
+        else:
+            mean, std = (float(x) for x in voc07.split(" ± "))
+            assert mean == pytest.approx(done.mean(), abs=5e-4)
+            assert std == pytest.approx(done.std(ddof=1), rel=0.05)
+    assert _row(summary, "syncbn", 2)[6] == "3 skipped"
+    assert _row(summary, "cbn", 2)[6] == "2 completed, 1 failed"
+    assert _row(summary, "gn", 8)[6] == "1 completed, 2 diverged"
+
+
+def test_study_paired_difference_to_bn_matches_numpy(study: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(study)]) == 0
+    _, paired = _sections(capsys.readouterr().out)
+    assert "Student-t interval" in paired and "paired by seed" in paired
+    checked = 0
+    for norm, batch in STUDY_MAP:
+        if norm == "bn":
+            with pytest.raises(AssertionError):
+                _row(paired, norm, batch)
+            continue
+        diffs = _expected_pairs(norm, batch)
+        procs, pairs, mean, interval = _row(paired, norm, batch)[3:7]
+        assert pairs == str(diffs.size), (norm, batch)
+        if diffs.size == 0:
+            assert (procs, mean, interval) == ("-", "-", "-")
+            continue
+        assert procs == "2"
+        assert float(mean) == pytest.approx(diffs.mean(), abs=5.1e-5)
+        if diffs.size < 2:
+            assert interval == "-"
+            continue
+        half = T_0975[diffs.size - 1] * diffs.std(ddof=1) / math.sqrt(diffs.size)
+        low, high = (float(x) for x in interval.strip("[]").split(","))
+        assert (low, high) == pytest.approx((diffs.mean() - half, diffs.mean() + half), abs=1e-4)
+        checked += 1
+    assert checked == 4  # syncbn 8, cbn 2 (seed 1 unpaired), cbn 8, gn 2
+    assert _expected_pairs("cbn", 2).size == 2 and _expected_pairs("gn", 8).size == 1
+
+
+def test_study_report_lists_skipped_jobs_with_their_reason(study: Path) -> None:
+    assert main([str(study)]) == 0
+    report = (study / "report.md").read_text()
+    assert f"`retinanet_tiny/syncbn/batch_2/seed_0`: skipped ({SKIP_REASON})" in report
+    assert "`retinanet_tiny/syncbn/batch_2/seed_2`: skipped (skipped without a reason field)" in report
+    assert "`retinanet_tiny/cbn/batch_2/seed_1`: failed (RuntimeError: CUDA out of memory)" in report
+    headings = ("## Summary", "## Paired difference", "## Jobs that did not complete")
+    assert [report.index(h) for h in headings] == sorted(report.index(h) for h in headings)
+    assert "| retinanet_tiny | syncbn | 2 | - | 0 | - | - |" in report
+    csv_lines = (study / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 24
+    assert "total_batch" in csv_lines[0].split(",") and "reason" in csv_lines[0].split(",")
+
+
+def test_study_figures_are_drawn_with_a_skipped_cell(study: Path) -> None:
+    assert main([str(study)]) == 0
+    for name, _ in FIGURES:
+        pixels = mpimg.imread(study / name)
+        height, width = pixels.shape[:2]
+        assert height > 200 and width > 300, name
+        rgb = pixels[..., :3].reshape(-1, 3)
+        assert len(np.unique(np.round(rgb, 2), axis=0)) > 20, name  # more than a blank canvas and some text
+        assert (rgb < 0.5).any() and (rgb > 0.9).any(), name
+
+
+def test_cli_as_a_module_prints_the_summary_then_the_paired_table(study: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
+    done = subprocess.run(
+        [sys.executable, "-m", "cbn_detect.report", str(study)], capture_output=True, text=True, env=env, check=True
+    )
+    summary, paired = _sections(done.stdout)
+    assert summary.lstrip().startswith("| model | norm | batch | procs | total batch | n | runs | VOC07 mAP |")
+    assert "| model | norm | batch | procs | pairs | Δ VOC07 mAP vs bn | 95% CI |" in paired
+    assert _row(paired, "cbn", 2)[4] == "2"
+
+
+def _completed_row(norm: str, seed: int, world_size: int, map_voc07: float) -> dict:
+    return {
+        "status": "completed", "model": "retinanet_tiny", "norm": norm, "batch": 2, "seed": seed,
+        "world_size": world_size, "total_batch": 2 * world_size, "map_voc07": map_voc07,
+        "job_dir": f"{norm}/ws{world_size}/seed_{seed}",
+    }
+
+
+def test_runs_pair_only_at_the_same_world_size(caplog: pytest.LogCaptureFixture) -> None:
+    rows = [
+        _completed_row("bn", 0, 1, 0.30), _completed_row("bn", 1, 2, 0.40),
+        _completed_row("cbn", 0, 2, 0.50), _completed_row("cbn", 1, 2, 0.45),
+    ]
+    assert _row(summary_table(rows), "bn", 2)[3:6] == ["1, 2", "2, 4", "2"]
+    assert "mixes world sizes [1, 2]" in caplog.text
+    # seed 0 ran bn on 1 process and cbn on 2: not a pair; seed 1 is the only one.
+    assert _row(paired_section(rows), "cbn", 2)[3:7] == ["2", "1", "+0.0500", "-"]
+
+
+def test_paired_section_says_why_it_is_empty_without_bn() -> None:
+    section = paired_section([_completed_row("cbn", 0, 1, 0.5)])
+    assert section.startswith("## Paired difference to BN") and "Nothing to pair" in section
