@@ -5,8 +5,8 @@ from cbn_detect.norm.brn import BatchRenorm2d
 from cbn_detect.norm.cbn import CrossIterationBatchNorm2d
 from cbn_detect.norm.convert import convert_norm
 from cbn_detect.norm.diagnostics import norm_diagnostics
-from cbn_detect.norm.registry import NORM_NAMES, build_norm, norm_options
-from cbn_detect.norm.syncbn import SyncBatchNorm2d
+from cbn_detect.norm.registry import NORM_NAMES, build_norm, norm_options, resolve_burnin
+from cbn_detect.norm.syncbn import SyncBatchNorm2d, use_native_sync_batchnorm
 
 __all__ = [
     "NORM_NAMES",
@@ -17,4 +17,6 @@ __all__ = [
     "convert_norm",
     "norm_diagnostics",
     "norm_options",
+    "resolve_burnin",
+    "use_native_sync_batchnorm",
 ]
