@@ -46,7 +46,7 @@ def test_the_voc07_retinanet_recipe() -> None:
     assert (cfg.model.name, cfg.data.name, cfg.model.min_size, cfg.model.max_size) == ("retinanet_r50", "voc07", 600, 1000)
     assert cfg.data.train_split == "trainval" and cfg.data.test_split == "test"
     assert scaled_lr(cfg.optim, total_batch=16) == pytest.approx(0.01)
-    assert cfg.norm.burnin == cfg.optim.warmup.iters == 1000
+    assert cfg.norm.burnin == 0.6667  # the CBN authors' 8 of 12 epochs
     assert cfg.train.epochs >= 100
 
 

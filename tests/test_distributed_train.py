@@ -1,11 +1,11 @@
-"""DDP through torchrun on CPU (gloo): two processes train one run, rank 0 writes it, and the
-sharded evaluation equals a single-process evaluation of the checkpointed weights."""
+"""DDP through torchrun on CPU (gloo): two processes train one SyncBN run (DDP accepts our CPU
+SyncBN), rank 0 writes it, and the sharded evaluation equals a single-process evaluation of the
+checkpointed weights."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,20 +20,14 @@ from cbn_detect.train import build_model
 from tests.conftest import CONF_DIR, REPO, TINY_RUN
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_torchrun_two_processes_match_a_single_process_evaluation(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # Batch 1 at evaluation: shards of different sizes then batch exactly like one process does.
-    overrides = [*TINY_RUN, "norm=bn", "eval.coco=false", "eval.batch=1", "diagnostics.level=off",
+    overrides = [*TINY_RUN, "norm=syncbn", "eval.coco=false", "eval.batch=1", "diagnostics.level=off",
                  "model.score_thresh=0.0"]  # keep every candidate: a 2-epoch model scores below 0.05
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "cbn_detect.train", f"hydra.run.dir={run_dir}", *overrides],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )

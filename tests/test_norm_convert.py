@@ -20,6 +20,7 @@ from cbn_detect.norm import (
     convert_norm,
     norm_diagnostics,
     norm_options,
+    resolve_burnin,
 )
 from cbn_detect.norm.registry import gn_groups
 
@@ -259,6 +260,9 @@ def test_config_group_has_one_valid_file_per_norm():
         assert cfg.pop("name") == stem
         assert cfg.pop("where") == ["backbone", "fpn", "head"]
         assert set(cfg) == set(norm_options(stem)), stem
+        if "burnin" in cfg:
+            cfg["burnin"] = resolve_burnin(cfg["burnin"], total_steps=300)
+            assert cfg["burnin"] == 200  # int(0.6667 x 300): the CBN authors' 8 of 12 epochs
         build_norm(stem, 16, **cfg)
     assert files["cbn"]["window"] == 4 and files["cbn"]["rho"] == 1.0
 

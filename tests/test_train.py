@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from cbn_detect.data.build import build_dataset, class_names, collate
 from cbn_detect.engine.optim import build_optimizer
 from cbn_detect.models import build_detector
-from cbn_detect.train import run
+from cbn_detect.train import RunSkipped, run
 from tests.conftest import CONF_DIR, REPO, TINY_RUN
 
 RESULT_KEYS = {
@@ -90,7 +90,8 @@ def test_a_two_job_multirun_writes_one_directory_per_grid_point(tmp_path: Path) 
         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120,
     )
     assert report.returncode == 0, report.stderr
-    rows = [line for line in report.stdout.splitlines() if line.startswith("| retinanet_tiny")]
+    summary = report.stdout.split("## Paired")[0]  # the paired-difference table follows the summary
+    rows = [line for line in summary.splitlines() if line.startswith("| retinanet_tiny")]
     assert len(rows) == 2 and "1 completed" in rows[0]
     assert (sweep / "report.md").exists() and (sweep / "results.csv").read_text().count("\n") == 3
 
@@ -122,9 +123,25 @@ def test_bad_batch_names_the_setting(tmp_path: Path, override: str, setting: str
         run(tiny_cfg(override), tmp_path)
 
 
-def test_batch_one_on_a_1x1_feature_map_is_refused_with_advice(tmp_path: Path) -> None:
+def test_batch_one_on_a_1x1_feature_map_is_skipped_with_advice(tmp_path: Path) -> None:
+    """BN at one image on a 1x1 map cannot train: the job records why and the command succeeds,
+    so a sweep's report shows the cell as skipped instead of a crash."""
+    overrides = [o for o in TINY_RUN if not o.startswith("model.")]
+    proc = _train([*overrides, "model=ssd_tiny", "model.size=64", "data.batch=1", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "skipped" and results["norm"] == "bn" and results["batch"] == 1
+    assert "1x1 feature map" in results["reason"] and "norm=gn" in results["reason"]
+    assert "norm=cbn with norm.burnin=0" in results["reason"]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_cbn_at_batch_one_on_a_1x1_map_is_skipped_during_burn_in_and_runs_without_it(tmp_path: Path) -> None:
     overrides = [o for o in TINY_RUN if not o.startswith("model.")]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, "model=ssd_tiny", "model.size=64", "data.batch=1"])
-    with pytest.raises(ValueError, match=r"1x1 feature map.*norm=gn"):
-        run(cfg, tmp_path)
+        burn_in = compose("config", overrides=[*overrides, "model=ssd_tiny", "model.size=64", "data.batch=1", "norm=cbn"])
+        no_burn_in = compose("config", overrides=[*overrides, "model=ssd_tiny", "model.size=64", "data.batch=1",
+                                                  "norm=cbn", "norm.burnin=0", "train.epochs=1"])
+    with pytest.raises(RunSkipped, match=r"burn-in \(21 iterations\).*norm.burnin=0"):
+        run(burn_in, tmp_path / "burn_in")  # 16 images x 2 epochs at batch 1: int(0.6667 x 32) = 21
+    assert run(no_burn_in, tmp_path / "no_burn_in")["status"] == "completed"

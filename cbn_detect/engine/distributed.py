@@ -1,6 +1,7 @@
-"""Process-group setup for the three ways a run starts: one process, ``torchrun`` (RANK /
-WORLD_SIZE / LOCAL_RANK in the environment) and SLURM tasks through submitit (one task per GPU;
-submitit's ``TorchDistributedEnvironment`` exports the same variables). NCCL on GPUs, gloo on CPU."""
+"""Process-group setup for the ways a run starts: one process; several started by ``processes=N``
+(torch's elastic launcher) or by ``torchrun`` (both set RANK / WORLD_SIZE / LOCAL_RANK); and the
+tasks of a submitit job, on SLURM or through the local executor (``tasks_per_node``; submitit's
+``TorchDistributedEnvironment`` exports the same variables). NCCL on GPUs, gloo on CPU."""
 
 from __future__ import annotations
 
@@ -26,22 +27,24 @@ class DistInfo:
         return self.rank == 0
 
 
-def _export_slurm_environment() -> None:
-    """Inside a multi-task SLURM job launched by submitit, set the torchrun-style variables."""
-    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+def _export_submitit_environment() -> None:
+    """Inside a multi-task submitit job, set the torchrun-style variables, so that its tasks form
+    one DDP world instead of one world each (in the same job directory)."""
+    tasks = int(os.environ.get("SLURM_NTASKS") or os.environ.get("SUBMITIT_LOCAL_NTASKS") or "1")
+    if "RANK" in os.environ or tasks <= 1:
         return
     try:
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     except RuntimeError:  # not inside a submitit job (e.g. srun by hand): leave the environment alone
-        log.debug("SLURM_NTASKS > 1 but no submitit job environment; expecting RANK/WORLD_SIZE to be set")
+        log.debug("%d tasks but no submitit job environment; expecting RANK/WORLD_SIZE to be set", tasks)
 
 
 def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     """Join the process group when the environment asks for one; return the rank and the device
     this process owns (``cuda:LOCAL_RANK`` on GPUs)."""
-    _export_slurm_environment()
+    _export_submitit_environment()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo(), device

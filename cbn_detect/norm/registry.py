@@ -99,6 +99,30 @@ def norm_options(name: str) -> tuple[str, ...]:
     return tuple(inspect.signature(_FACTORIES[name]).parameters)[1:]
 
 
+def resolve_burnin(burnin: int | float, total_steps: int | None) -> int:
+    """``norm.burnin`` as a number of iterations: an int is one already, a float in (0, 1) is that
+    fraction of the run's ``total_steps`` training iterations (per process).
+
+    CBN's authors give the burn-in in epochs (``burnin=8`` of a 12-epoch schedule in their released
+    detection configs), which their training script turns into iterations with ``int()``; a
+    fraction keeps that meaning whatever the schedule's length, and is truncated the same way.
+    """
+    if isinstance(burnin, bool) or not isinstance(burnin, (int, float)):
+        raise ValueError(f"norm.burnin={burnin!r} must be a number")
+    if isinstance(burnin, int):
+        if burnin < 0:
+            raise ValueError(f"norm.burnin={burnin} must be >= 0 iterations")
+        return burnin
+    if not 0.0 < burnin < 1.0:
+        raise ValueError(
+            f"norm.burnin={burnin}: give iterations as an int >= 0, or a fraction of the training "
+            "iterations as a float in (0, 1)"
+        )
+    if total_steps is None:
+        raise ValueError(f"norm.burnin={burnin} is a fraction of the training iterations, which are unknown here")
+    return int(burnin * total_steps)
+
+
 def build_norm(name: str, num_features: int, **cfg: Any) -> nn.Module:
     """A fresh norm layer for ``num_features`` channels; unknown names or options are errors."""
     valid = norm_options(name)
