@@ -175,6 +175,21 @@ def test_negative_compensated_variance_is_dropped():
     torch.testing.assert_close(res.out[:, 0], expected0, atol=1e-5, rtol=1e-4)
 
 
+def test_non_finite_slot_that_is_not_kept_leaves_gradient_finite():
+    """An empty or diverged slot is masked out of the gradient too, not only out of the output."""
+    y = torch.randn(4, 2, 5, 5, requires_grad=True)
+    hist_mean = torch.tensor([[0.0, 0.0], [float("inf"), float("nan")]])
+    hist_sq = torch.tensor([[1.0, 1.0], [float("inf"), 1.0]])
+    for valid in ([True, False], [True, True]):  # empty slot, then a diverged one (dropped)
+        y.grad = None
+        res = cbn_window_forward(
+            y, torch.ones(2), torch.zeros(2), 1e-5, 1.0, hist_mean, hist_sq, torch.tensor(valid), None
+        )
+        (res.out * torch.linspace(-1, 1, res.out.numel()).view_as(res.out)).sum().backward()
+        assert res.keep[1].tolist() == [False, False] and torch.isfinite(res.out).all()
+        assert torch.isfinite(y.grad).all()
+
+
 def test_burnin_is_plain_bn_then_window_grows():
     torch.manual_seed(0)
     model = convert_norm(conv_bn(), "cbn", window=3, burnin=2)

@@ -24,6 +24,7 @@ from cbn_detect.norm.cbn_math import (
     mean_input_patch,
     sq_weight_grad,
 )
+from cbn_detect.norm.dtypes import statistics_dtype
 from cbn_detect.norm.producer import ProducerLink
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,11 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
     Use it when the per-process batch is too small for BN's statistics (detection from scratch at
     1-4 images per GPU) and synchronising across processes is not wanted or not possible. Stored
     statistics are compensated to the current conv weight by a first-order Taylor expansion
-    (``rho=1``; ``rho=0`` is naive CBN, which simply averages stale statistics).
+    (``rho=1``; ``rho=0`` is naive CBN, which simply averages stale statistics). The compensation
+    covers only this layer's *own* conv weight having changed since an entry was stored; the
+    entries are also stale because the layers upstream changed the conv's *input* distribution
+    since, and that is not corrected (neither by the paper's method nor here). The ``taylor_rel``
+    diagnostic measures the first part only.
 
     The caller must guarantee:
       * the layer normalizes the output of one ``nn.Conv2d`` (zero padding) and is wired to it by
@@ -87,10 +92,13 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
     grows 1, 2, ..., window.
 
     Under DDP the history is per process (it is not a buffer, so DDP never broadcasts it); it is
-    saved through ``get_extra_state`` so a resumed run continues bit for bit. Statistics are kept in
-    fp32 under autocast. ``fused``: ``auto`` compiles the statistics and normalization with
-    ``torch.compile`` on CUDA only (falling back to the reference path, with a warning, if
-    compilation fails), ``on`` always (failures raise), ``off`` never (the reference path).
+    saved through ``get_extra_state`` so a resumed run continues bit for bit. Statistics and
+    history are kept in ``statistics_dtype`` of the input: fp32 under autocast and for fp16/bf16
+    models, fp64 for fp64 models (the history follows the input's dtype and device, since
+    ``Module.to`` does not move it); the output has the input's dtype.
+    ``fused``: ``auto`` compiles the statistics and normalization with ``torch.compile`` on CUDA
+    only (falling back to the reference path, with a warning, if compilation fails), ``on`` always
+    (failures raise), ``off`` never (the reference path).
     """
 
     def __init__(
@@ -145,14 +153,14 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self._geom = conv_geometry(conv)
         self._link = link
         self.layer_name = layer_name
-        slots, device = self.window - 1, conv.weight.device
-        kh, kw = conv.kernel_size
+        slots, kh, kw = self.window - 1, *conv.kernel_size
+        like = {"device": conv.weight.device, "dtype": statistics_dtype(conv.weight.dtype)}
         self._history = {
-            "mean": torch.zeros(slots, self.num_features, device=device),
-            "sq": torch.zeros(slots, self.num_features, device=device),
-            "patch": torch.zeros(slots, conv.in_channels, kh, kw, device=device),
-            "dsq": torch.zeros(slots, *conv.weight.shape, device=device),
-            "weight": torch.zeros(slots, *conv.weight.shape, device=device),
+            "mean": torch.zeros(slots, self.num_features, **like),
+            "sq": torch.zeros(slots, self.num_features, **like),
+            "patch": torch.zeros(slots, conv.in_channels, kh, kw, **like),
+            "dsq": torch.zeros(slots, *conv.weight.shape, **like),
+            "weight": torch.zeros(slots, *conv.weight.shape, **like),
         }
 
     def forward(self, x: Tensor) -> Tensor:
@@ -177,7 +185,7 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         return conv_input
 
     def _window_step(self, x: Tensor, conv_input: Tensor | None) -> Tensor:
-        history = self._history_on(x.device)
+        history = self._history_on(x.device, statistics_dtype(x.dtype))
         valid = history["valid_rows"][self._count]  # a view: no kernel launch
         taylor = None
         if self.needs_producer:
@@ -186,7 +194,8 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
                 history["dsq"], self._geom.groups,
             )
         args = (x, self.weight, self.bias, self.eps, self.rho, history["mean"], history["sq"], valid, taylor)
-        # Autocast would run the Taylor contraction (einsum -> bmm) in bf16; statistics stay fp32.
+        # Autocast would run the Taylor contraction (einsum -> bmm) in bf16; statistics stay in the
+        # statistics dtype.
         with torch.autocast(x.device.type, enabled=False):
             res = self._run_window_forward(args, x.is_cuda)
         with torch.no_grad():
@@ -207,10 +216,14 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         return cbn_window_forward(*args)
 
     def _update_running_stats(self, res: WindowResult, x: Tensor) -> None:
-        """EMA of the current batch alone, with the unbiased variance, exactly as BatchNorm2d."""
+        """EMA of the current batch alone, with the unbiased variance, exactly as BatchNorm2d.
+
+        The buffers keep their own dtype (the model's): a bf16/fp16 model's fp32 statistics are
+        rounded into them instead of failing in ``lerp_``."""
         m = x.numel() // x.shape[1]
-        self.running_mean.lerp_(res.cur_mean, self.momentum)
-        self.running_var.lerp_(res.cur_var * (m / max(m - 1, 1)), self.momentum)
+        dtype = self.running_mean.dtype
+        self.running_mean.lerp_(res.cur_mean.to(dtype), self.momentum)
+        self.running_var.lerp_((res.cur_var * (m / max(m - 1, 1))).to(dtype), self.momentum)
         self.num_batches_tracked.add_(1)
 
     def _push(self, res: WindowResult, y: Tensor, conv_input: Tensor | None) -> None:
@@ -225,11 +238,13 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self._next = (slot + 1) % (self.window - 1)
         self._count = min(self._count + 1, self.window - 1)
 
-    def _history_on(self, device: torch.device) -> dict[str, Tensor]:
-        """The history on ``device``, plus ``valid_rows[n]``: the slot mask when n slots are full."""
+    def _history_on(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The history on ``device`` in ``dtype``, plus ``valid_rows[n]``: the slot mask when n
+        slots are full."""
         # The history is not a buffer (see class docstring), so Module.to() does not move it.
-        if self._history["mean"].device != device:
-            self._history = {k: v.to(device) for k, v in self._history.items()}
+        current = self._history["mean"]
+        if current.device != device or current.dtype != dtype:
+            self._history = {k: v.to(device, dtype) for k, v in self._history.items()}
         if self._valid_rows is None or self._valid_rows.device != device:
             slots = torch.arange(self.window - 1, device=device)
             self._valid_rows = slots[None, :] < torch.arange(self.window, device=device)[:, None]
@@ -255,8 +270,9 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
                 f"{ {k: tuple(v.shape) for k, v in self._history.items()} } (different window or "
                 "conv, or a checkpoint saved before convert_norm)"
             )
-        for k, v in self._history.items():
-            v.copy_(saved[k])
+        # The saved dtype is kept (a float64 run resumes in float64, not rounded through the fp32
+        # history a freshly built layer holds); the device is this layer's.
+        self._history = {k: saved[k].to(v.device, copy=True) for k, v in self._history.items()}
         self.num_steps, self._count, self._next = state["num_steps"], state["count"], state["next"]
 
     def extra_repr(self) -> str:

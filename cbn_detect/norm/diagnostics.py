@@ -15,12 +15,15 @@ def norm_diagnostics(model: nn.Module) -> dict[str, float]:
 
     CBN: ``effective_window`` (entries averaged per channel, mean over channels), ``dropped``
     (fraction of stored entries rejected for a negative compensated variance) and
-    ``taylor_rel`` (mean |Taylor term| over mean |stored mean|: how far the weights moved, in units
-    of the statistic) of its latest training step. BN-like layers that learn statistics:
-    ``running_var`` (channel mean of the running variance, whose drift flags exploding
-    activations). BRN also reports its current
-    ``r_max`` and ``d_max``. Everything is computed here from tensors the layers already hold, so
-    training steps pay nothing; a call costs one device-to-host copy.
+    ``taylor_rel`` (mean |Taylor term| over mean |stored mean|: how far the layer's *own* conv
+    weight moved since the entries were stored, in units of the statistic) of its latest training
+    step. It does not measure the entries' other staleness - the layers upstream changed the conv's
+    *input* distribution since - which the method does not correct (neither the paper nor this
+    code), so a small value does not mean the stored statistics are current. BN-like layers that
+    learn statistics: ``running_var`` (channel mean of the running variance, whose drift flags
+    exploding activations). BRN also reports its current ``r_max`` and ``d_max``. Everything is
+    computed here from tensors the layers already hold, so training steps pay nothing; a call costs
+    one device-to-host copy.
     """
     values: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
