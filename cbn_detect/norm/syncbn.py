@@ -9,28 +9,68 @@ from torch import Tensor, nn
 from cbn_detect.norm.dtypes import statistics_dtype
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over processes whose backward is again a sum: each rank's statistics feed every rank's
-    output, so every rank's input gradient collects the contributions of all ranks."""
+def _gather_sum(local: Tensor, group, world: int) -> list[Tensor]:
+    """Every rank's ``local`` (same shape on all), in rank order.
 
-    @staticmethod
-    def forward(ctx, tensor: Tensor, group) -> Tensor:
-        ctx.group = group
-        tensor = tensor.clone()
-        dist.all_reduce(tensor, group=group)
-        return tensor
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+    An all-gather rather than an all-reduce: with gloo on one machine a small all-gather takes
+    about half the time of an all-reduce (0.55 vs 1.2 ms measured for 65 floats between two
+    processes), and SyncBN pays one per layer in each direction of every step.
+    """
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local.contiguous(), group=group)
+    return gathered
 
 
 def _world_size(group) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    """BatchNorm over the union of every process's batch: one all-gather forward, one backward.
+
+    Forward gathers each rank's (count, mean, sum of squared deviations) per channel and merges them
+    with the parallel-variance formula (Chan et al.), exact for shards of any size and free of the
+    E[x^2] - mean^2 cancellation. Backward gathers the two per-channel sums BN's input gradient
+    needs (of dy and of dy * x_hat), so each rank's input gradient is that of the sum of every
+    rank's loss, as for torch's nn.SyncBatchNorm; the affine gradients stay local (DDP reduces them).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, group, world: int):
+        c = x.shape[1]
+        xf = x.to(statistics_dtype(x.dtype))
+        local_var, local_mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+        local_count = x.numel() // c
+        local = torch.cat([xf.new_full((1,), local_count), local_mean, local_var * local_count])
+        stats = torch.stack(_gather_sum(local, group, world))  # (world, 1 + 2C)
+        counts, means, m2 = stats[:, :1], stats[:, 1 : c + 1], stats[:, c + 1 :]
+        count = counts.sum()
+        mean = (counts * means).sum(0) / count
+        var = (m2.sum(0) + (counts * (means - mean).square()).sum(0)) / count
+        invstd = torch.rsqrt(var + eps)
+        x_hat = (xf - mean[None, :, None, None]) * invstd[None, :, None, None]
+        ctx.save_for_backward(x_hat, invstd, weight)
+        ctx.group, ctx.world, ctx.count = group, world, count
+        out = x_hat * weight.to(xf.dtype)[None, :, None, None] + bias.to(xf.dtype)[None, :, None, None]
+        return out.to(x.dtype), mean, var, count
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, *unused: Tensor):
+        x_hat, invstd, weight = ctx.saved_tensors
+        dy = grad_out.to(x_hat.dtype)
+        local_sum_dy = dy.sum((0, 2, 3))
+        local_sum_dy_xhat = (dy * x_hat).sum((0, 2, 3))
+        total = torch.stack(_gather_sum(torch.cat([local_sum_dy, local_sum_dy_xhat]), ctx.group, ctx.world)).sum(0)
+        c = local_sum_dy.shape[0]
+        mean_dy = (total[:c] / ctx.count)[None, :, None, None]
+        mean_dy_xhat = (total[c:] / ctx.count)[None, :, None, None]
+        scale = (weight.to(x_hat.dtype) * invstd)[None, :, None, None]
+        grad_x = (scale * (dy - mean_dy - x_hat * mean_dy_xhat)).to(grad_out.dtype)
+        grad_weight = local_sum_dy_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = local_sum_dy.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -57,27 +97,16 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         self.process_group = process_group
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or _world_size(self.process_group) == 1:
+        world = _world_size(self.process_group)
+        if not self.training or world == 1:
             return super().forward(x)
-        return self._sync_forward(x)
-
-    def _sync_forward(self, x: Tensor) -> Tensor:
-        """Two all-reduces (sums and counts, then centred squares) to match BN's exact variance."""
-        c = x.shape[1]
-        xf = x.to(statistics_dtype(x.dtype))
-        local = torch.cat([xf.sum((0, 2, 3)), xf.new_full((1,), x.numel() // c)])
-        total = _AllReduceSum.apply(local, self.process_group)
-        count = total[c]
-        mean = total[:c] / count
-        centred = xf - mean[None, :, None, None]
-        var = _AllReduceSum.apply(centred.square().sum((0, 2, 3)), self.process_group) / count
+        out, mean, var, count = _SyncBatchNorm.apply(x, self.weight, self.bias, self.eps, self.process_group, world)
         with torch.no_grad():
             n = count.item()
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
             self.running_var.lerp_((var * (n / max(n - 1, 1))).to(self.running_var.dtype), self.momentum)
             self.num_batches_tracked.add_(1)
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        return (centred * scale[None, :, None, None] + self.bias[None, :, None, None]).to(x.dtype)
+        return out
 
 
 @torch.no_grad()
