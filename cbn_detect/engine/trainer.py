@@ -58,6 +58,11 @@ class Loop:
     checkpoint: Callable[[], None]
     precision: Precision
 
+    @property
+    def net(self) -> nn.Module:
+        """The model without DDP's wrapper: diagnostics name layers as a single process does."""
+        return getattr(self.model, "module", self.model)
+
 
 def to_device(
     images: Sequence[torch.Tensor], targets: Sequence[dict[str, Any]], device: torch.device
@@ -142,14 +147,14 @@ def train_one_epoch(loop: Loop, state: TrainState, watch: SignalWatch, monitor: 
             state.nonfinite_consecutive = 0
             if diagnose:
                 diag.update(monitor.update_stats())
-                diag.update(norm_diagnostics(model))
+                diag.update(norm_diagnostics(loop.net))
                 _log(sinks, diag, state.step + 1)
             value = loss.item()
             state.epoch_losses.append(value)
             state.recent_losses = (state.recent_losses + [value])[-settings.loss_window :]
         else:
             precision.skip()
-            _skip_nonfinite(model, loss_terms, loss_finite, state, settings, sinks, loop.checkpoint)
+            _skip_nonfinite(loop.net, loss_terms, loss_finite, state, settings, sinks, loop.checkpoint)
         loop.scheduler.step()
         state.step += 1
         state.epoch_step += 1
@@ -179,7 +184,7 @@ def train_one_epoch(loop: Loop, state: TrainState, watch: SignalWatch, monitor: 
 
 def fit(loop: Loop, state: TrainState, end_of_epoch: Callable[[TrainState], None]) -> TrainState:
     """Train from ``state`` to ``settings.epochs``; checkpoint each epoch and on SIGTERM/SIGUSR1/2."""
-    monitor = GradientMonitor(loop.model)
+    monitor = GradientMonitor(loop.net)
     with SignalWatch() as watch:
         while state.epoch < loop.settings.epochs:
             start_epoch(loop.loader, state.epoch, state.epoch_step)
