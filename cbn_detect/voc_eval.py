@@ -10,14 +10,14 @@ as fractions (null for a class without positives). A missing class file means no
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
-from cbn_detect.evaluation.devkit_io import read_detections, read_ground_truth, write_text_atomic
-from cbn_detect.evaluation.types import VOC_CLASSES
+from cbn_detect.evaluation.devkit_io import read_detections, read_ground_truth
 from cbn_detect.evaluation.voc_ap import METRICS, VOCResult, evaluate_voc
+from cbn_detect.runtime import io
+from cbn_detect.voc import VOC_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_voc(gt, dets, args.classes, metric=args.metric)
         print(format_table(result))
         if args.json is not None:
-            write_text_atomic(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
+            io.write_json(args.json, result.to_dict())
     except (OSError, ValueError) as err:
         log.debug("voc_eval failed", exc_info=True)
         print(f"voc_eval: error: {err}", file=sys.stderr)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from cbn_detect.data import bench as data_bench
-from cbn_detect.engine import bench as train_bench
-from cbn_detect.evaluation import bench_infer
+from cbn_detect.bench import data as data_bench
+from cbn_detect.bench import infer as infer_bench
+from cbn_detect.bench import train as train_bench
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +58,7 @@ def test_tiny_torchvision_model_differs_from_ours_only_outside_the_trunk():
 
 
 def test_infer_row_times_both_paths_and_checks_detections(capsys):
-    assert bench_infer.run(["--tiny", "--images", "2", "--channels-last"]) == 0
+    assert infer_bench.run(["--tiny", "--images", "2", "--channels-last"]) == 0
     header, rows, notes = table(capsys.readouterr().out, ["path", "ms_per_image", "fps", "ratio_to_torchvision"])
     assert header[0].startswith("# infer: torchvision RetinaNet resnet10w16-FPN64")
     assert [r[0] for r in rows] == ["torchvision", "fast"]
@@ -86,10 +86,10 @@ def test_fast_path_finds_the_same_detections_in_fp32():
     model = train_bench.torchvision_retinanet(train_bench.TINY_ARCH, 64).eval()
     randomise_norm_statistics(model)
     images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    bench_infer.spread_scores(model, images[0])
-    fast = bench_infer.fast_path(model, torch.device("cpu"), "fp32", channels_last=True, compile_mode=None)
+    infer_bench.spread_scores(model, images[0])
+    fast = infer_bench.fast_path(model, torch.device("cpu"), "fp32", channels_last=True, compile_mode=None)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.backbone.modules())
-    matched, total = bench_infer.check(model, fast, images, atol=0.01)
+    matched, total = infer_bench.check(model, fast, images, atol=0.01)
     assert total == 2 * model.detections_per_img
     assert matched == total
 
@@ -99,18 +99,18 @@ def test_a_wrong_fold_is_caught_by_the_detection_check():
     model = train_bench.torchvision_retinanet(train_bench.TINY_ARCH, 64).eval()
     randomise_norm_statistics(model)
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
-    bench_infer.spread_scores(model, image)
+    infer_bench.spread_scores(model, image)
     broken = copy.deepcopy(model)
     broken.backbone.body.layer2[0].bn1.running_var.mul_(4.0)  # as if folded with the wrong variance
-    fast = bench_infer.fast_path(broken, torch.device("cpu"), "fp32", channels_last=False, compile_mode=None)
-    matched, total = bench_infer.check(model, fast, [image], atol=0.01)
+    fast = infer_bench.fast_path(broken, torch.device("cpu"), "fp32", channels_last=False, compile_mode=None)
+    matched, total = infer_bench.check(model, fast, [image], atol=0.01)
     assert matched < total
 
 
 def test_fold_keeps_our_per_level_head_norms():
     model = train_bench.ours_retinanet(train_bench.TINY_ARCH, 64).eval()
     head_norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.head.modules())
-    bench_infer.fuse_conv_bn(model)
+    infer_bench.fuse_conv_bn(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.head.modules()) == head_norms > 0
 

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from cbn_detect.evaluation.bench import synthetic_problem
+from cbn_detect.bench.eval import synthetic_problem
 from cbn_detect.evaluation.coco_metrics import COCO_KEYS, coco_ground_truth, evaluate_coco
-from cbn_detect.evaluation.types import Detections, GroundTruth
+from cbn_detect.voc import Detections, GroundTruth
 
 CLASSES = ("cat", "dog")
 

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cbn_detect.boxes import xyxy_to_voc
-from cbn_detect.evaluation.bench import synthetic_problem
+from cbn_detect.bench.eval import synthetic_problem
 from cbn_detect.evaluation.devkit_io import (
     DevkitFormatError,
     detection_file,
@@ -18,8 +17,8 @@ from cbn_detect.evaluation.devkit_io import (
     read_ground_truth,
     write_detections,
 )
-from cbn_detect.evaluation.types import Detections
 from cbn_detect.evaluation.voc_ap import evaluate_voc
+from cbn_detect.voc import Detections, xyxy_to_voc
 
 CLASSES = ("cat", "dog", "emu")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cbn_detect.evaluation.bench import loop_evaluate_voc, run, synthetic_problem
+from cbn_detect.bench.__main__ import main
+from cbn_detect.bench.eval import loop_evaluate_voc, run, synthetic_problem
 from cbn_detect.evaluation.voc_ap import evaluate_voc
 
 
@@ -19,6 +20,13 @@ def test_tiny_run_prints_both_implementations_and_agrees(capsys):
     assert rows[0][2] == "1.00"
     assert lines[3].startswith("mAP (voc07): vectorised ")
     assert lines[3].endswith("identical")
+
+
+def test_the_dispatcher_runs_a_row_and_rejects_an_unknown_one(capsys):
+    assert main(["eval", "--images", "12", "--dets-per-image", "15", "--classes", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["implementation", "seconds", "ratio"]
+    assert main(["nope"]) == 2
+    assert capsys.readouterr().err.startswith("usage: python -m cbn_detect.bench {norm,eval,train,infer,data}")
 
 
 def test_synthetic_problem_has_the_requested_size_and_is_seeded():

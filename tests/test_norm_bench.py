@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cbn_detect.norm.bench import parse_spec, run
+from cbn_detect.bench.norm import parse_spec, run
 
 
 def test_bench_prints_one_row_per_norm_with_ratio_to_bn(capsys):

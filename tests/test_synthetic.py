@@ -67,13 +67,13 @@ def test_voc_dataset_reads_every_split(small_voc: Path, split: str) -> None:
 
 def test_objects_are_inside_varied_and_sometimes_difficult(small_voc: Path) -> None:
     truth = VOCDataset(small_voc, "trainval", classes=SYNTHETIC_CLASSES).ground_truth()
-    boxes = np.concatenate([t["boxes"] for t in truth])
-    labels = np.concatenate([t["labels"] for t in truth])
-    difficult = np.concatenate([t["difficult"] for t in truth])
+    boxes = np.concatenate(truth.boxes)
+    labels = np.concatenate(truth.labels)
+    difficult = np.concatenate(truth.difficult)
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 128).all()
     assert (boxes[:, 2:] > boxes[:, :2]).all()
     assert set(labels.tolist()) == set(range(1, len(SYNTHETIC_CLASSES) + 1))
-    assert all(1 <= len(t["labels"]) <= synthetic.MAX_OBJECTS for t in truth)
+    assert all(1 <= len(t) <= synthetic.MAX_OBJECTS for t in truth.labels)
     assert 0 < difficult.mean() < 0.15
     sides = (boxes[:, 2:] - boxes[:, :2]).max(axis=1) / 128
     assert sides.min() < 0.2 and sides.max() > 0.45

@@ -1,7 +1,7 @@
 """VOC AP against hand-worked cases of every devkit rule, and against a plain loop (hypothesis).
 
 Boxes in these tests are written in the devkit's 1-based inclusive convention, as in the XML and
-result files, and converted with cbn_detect.boxes, as the real pipeline does.
+result files, and converted with cbn_detect.voc.boxes, as the real pipeline does.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cbn_detect.boxes import voc_to_xyxy
-from cbn_detect.evaluation.types import Detections, GroundTruth
 from cbn_detect.evaluation.voc_ap import area_ap, evaluate_voc, voc07_ap
+from cbn_detect.voc import Detections, GroundTruth, voc_to_xyxy
 
 CLASSES = ("cat", "dog")
 

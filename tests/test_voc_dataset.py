@@ -11,8 +11,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cbn_detect.data.voc import VOCDataset, parse_annotation
-from cbn_detect.evaluation.types import VOC_CLASSES
+from cbn_detect.data.voc import VOCDataset
+from cbn_detect.voc import VOC_CLASSES, VOCObject, parse_annotation
 from tests.voc_fixture import STANDARD_SPLITS, write_standard_voc
 
 
@@ -23,20 +23,20 @@ def voc(tmp_path: Path) -> Path:
 
 def test_parse_annotation_reads_object_boxes_not_part_boxes(voc: Path) -> None:
     annotation = parse_annotation(voc / "Annotations" / "000001.xml")
-    assert annotation["filename"] == "000001.jpg"
-    assert (annotation["width"], annotation["height"]) == (64, 48)
-    assert [o["name"] for o in annotation["objects"]] == ["person", "dog"]
-    assert annotation["objects"][0]["bbox"] == (10.0, 5.0, 40.0, 45.0)
+    assert annotation.filename == "000001.jpg"
+    assert (annotation.width, annotation.height) == (64, 48)
+    assert [o.name for o in annotation.objects] == ["person", "dog"]
+    assert annotation.objects[0] == VOCObject("person", False, (10.0, 5.0, 40.0, 45.0))
 
 
 def test_parse_annotation_missing_difficult_means_not_difficult(voc: Path) -> None:
-    objects = parse_annotation(voc / "Annotations" / "000002.xml")["objects"]
-    assert [o["difficult"] for o in objects] == [False, True]
+    objects = parse_annotation(voc / "Annotations" / "000002.xml").objects
+    assert [o.difficult for o in objects] == [False, True]
 
 
 def test_parse_annotation_reads_float_coordinates(voc: Path) -> None:
-    objects = parse_annotation(voc / "Annotations" / "2012_000004.xml")["objects"]
-    assert objects[0]["bbox"] == (10.5, 20.0, 50.5, 55.25)
+    objects = parse_annotation(voc / "Annotations" / "2012_000004.xml").objects
+    assert objects[0].bbox == (10.5, 20.0, 50.5, 55.25)
 
 
 @pytest.mark.parametrize("split", sorted(STANDARD_SPLITS))
@@ -93,11 +93,10 @@ def test_ground_truth_needs_no_images_and_keeps_difficult(voc: Path) -> None:
     for image in (voc / "JPEGImages").iterdir():
         image.unlink()
     truth = dataset.ground_truth()
-    assert [t["image_id"] for t in truth] == list(STANDARD_SPLITS["trainval"])
-    second = truth[1]
-    assert second["boxes"].dtype == np.float64
-    np.testing.assert_array_equal(second["boxes"], [[0, 0, 30, 20], [29, 19, 50, 40]])
-    assert second["labels"].dtype == np.int64 and second["difficult"].tolist() == [False, True]
+    assert truth.image_ids == list(STANDARD_SPLITS["trainval"])
+    assert truth.boxes[1].dtype == np.float64
+    np.testing.assert_array_equal(truth.boxes[1], [[0, 0, 30, 20], [29, 19, 50, 40]])
+    assert truth.labels[1].dtype == np.int64 and truth.difficult[1].tolist() == [False, True]
 
 
 def test_root_may_be_vocdevkit_plus_year(voc: Path) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cbn_detect.evaluation.devkit_io import detection_file, read_ground_truth, write_detections
-from cbn_detect.evaluation.types import Detections
+from cbn_detect.voc import Detections
 from cbn_detect.voc_eval import main
 
 REPO = Path(__file__).resolve().parents[1]

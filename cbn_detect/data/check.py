@@ -17,9 +17,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from cbn_detect.data.build import class_names, dataset_root
-from cbn_detect.data.errors import DatasetError, DatasetNotFoundError
+from cbn_detect.data.build import class_names, dataset_source
 from cbn_detect.data.voc import VOCDataset
+from cbn_detect.voc import DatasetError, DatasetNotFoundError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -29,8 +29,9 @@ def main(argv: Sequence[str] | None = None, config_dir: Path | None = None) -> i
     overrides = list(sys.argv[1:] if argv is None else argv)
     try:
         data_cfg = _compose_data(overrides, Path(config_dir or CONFIG_DIR))
-        root = dataset_root(data_cfg)
-        classes = class_names(data_cfg)
+        source = dataset_source(data_cfg)
+        root = source.root
+        classes = class_names(data_cfg, source)
         splits = list(dict.fromkeys([str(data_cfg.train_split), str(data_cfg.test_split)]))
         year = None if data_cfg.year is None else str(data_cfg.year)
     except (HydraException, OmegaConfBaseException, ValueError, TypeError) as err:

@@ -2,7 +2,10 @@
 
 All annotations are parsed at construction (a few seconds for all of VOC): bad files then surface
 before training starts, and the evaluator gets the ground truth without decoding a single image.
-Boxes leave this module in the code's continuous xyxy convention (see cbn_detect.boxes).
+Boxes leave this module in the code's continuous xyxy convention (see cbn_detect.voc.boxes).
+Training targets are repaired (boxes clipped to the image, empty ones dropped); the evaluation
+ground truth is not: it is the annotation as the official devkit reads it (see
+cbn_detect.voc.annotations).
 
 Image integrity. Decoding every JPEG at construction would cost about a minute on VOC's 10k
 images at every start, so by default (verify_images="header") construction only opens each
@@ -17,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -30,10 +31,20 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from cbn_detect.boxes import voc_to_xyxy
-from cbn_detect.data import errors
-from cbn_detect.data.errors import DatasetError, DatasetNotFoundError, DatasetProblems
-from cbn_detect.evaluation.types import VOC_CLASSES
+from cbn_detect.voc import (
+    VOC_CLASSES,
+    Annotation,
+    DatasetError,
+    DatasetNotFoundError,
+    DatasetProblems,
+    GroundTruth,
+    devkit_ground_truth,
+    errors,
+    object_labels,
+    parse_annotation,
+    repair_boxes,
+    unknown_classes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,73 +53,6 @@ VerifyImages = Literal["header", "full"]
 Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
 _LAYOUT = ("Annotations", "JPEGImages", "ImageSets/Main")
-
-
-def parse_annotation(path: Path) -> dict[str, Any]:
-    """Read one VOC XML file into plain Python values, coordinates exactly as written.
-
-    Only an object's own <bndbox> is read: VOC persons also carry <part> elements (head, hands,
-    feet) with nested boxes that are not objects. A missing <difficult> means 0 (VOC2012 omits it
-    for some objects); coordinates are parsed as floats (VOC2012 has some like 273.5).
-    """
-    path = Path(path)
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as err:
-        line, column = err.position
-        raise DatasetError(
-            f"{path}:{line}:{column}: malformed annotation XML ({err})", errors.MALFORMED_ANNOTATION
-        ) from err
-    except OSError as err:
-        raise DatasetError(
-            f"{path}: cannot read annotation ({err.strerror})", errors.MISSING_ANNOTATION
-        ) from err
-
-    size = _child(root, "size", path)
-    width, height = (_number(size, tag, path) for tag in ("width", "height"))
-    if width <= 0 or height <= 0 or width != int(width) or height != int(height):
-        raise DatasetError(
-            f"{path}: image size must be positive integers, got width={width} height={height}",
-            errors.MALFORMED_ANNOTATION,
-        )
-    objects = []
-    for obj in root.findall("object"):
-        name = (_child(obj, "name", path).text or "").strip()
-        difficult = (obj.findtext("difficult") or "0").strip()
-        if difficult not in ("0", "1"):
-            raise DatasetError(
-                f"{path}: object {name!r}: <difficult> must be 0 or 1, got {difficult!r}",
-                errors.MALFORMED_ANNOTATION,
-            )
-        bndbox = _child(obj, "bndbox", path)
-        bbox = tuple(_number(bndbox, tag, path) for tag in ("xmin", "ymin", "xmax", "ymax"))
-        objects.append({"name": name, "difficult": difficult == "1", "bbox": bbox})
-    return {
-        "filename": root.findtext("filename") or f"{path.stem}.jpg",
-        "width": int(width),
-        "height": int(height),
-        "objects": objects,
-    }
-
-
-def _child(parent: ET.Element, tag: str, path: Path) -> ET.Element:
-    found = parent.find(tag)
-    if found is None:
-        raise DatasetError(f"{path}: <{parent.tag}> has no <{tag}>", errors.MALFORMED_ANNOTATION)
-    return found
-
-
-def _number(parent: ET.Element, tag: str, path: Path) -> float:
-    text = _child(parent, tag, path).text
-    try:
-        value = float(text or "")
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise DatasetError(
-            f"{path}: <{parent.tag}><{tag}> is not a number: {text!r}", errors.MALFORMED_ANNOTATION
-        )
-    return value
 
 
 def resolve_voc_root(root: str | Path, year: str | int | None = None) -> Path:
@@ -132,12 +76,12 @@ def resolve_voc_root(root: str | Path, year: str | int | None = None) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class _Record:
-    """One image's cached annotation; boxes clipped, continuous xyxy."""
+    """One image's cached annotation, as written (for evaluation), and its training targets
+    (boxes clipped, empty ones dropped, continuous xyxy)."""
 
     image_id: str
     image_path: Path
-    height: int
-    width: int
+    annotation: Annotation
     boxes: np.ndarray  # (n, 4) float64
     labels: np.ndarray  # (n,) int64, 1..C
     difficult: np.ndarray  # (n,) bool
@@ -149,8 +93,9 @@ class VOCDataset(Dataset):
     `image` is a uint8 RGB tv_tensors.Image (C, H, W); `target` holds `boxes`
     (tv_tensors.BoundingBoxes, float32 continuous XYXY), `labels` (int64, classes.index(name) + 1,
     so 0 stays free for background), `difficult` (bool), `image_id` (str) and `orig_size` (H, W).
-    Images without objects are kept as negatives. Boxes reaching outside the image are clipped,
-    boxes with no area left are dropped; both are counted in `problems`, in either mode.
+    Images without objects are kept as negatives. In the targets, boxes reaching outside the image
+    are clipped and boxes with no area left are dropped; both are counted in `problems`, in either
+    mode. ground_truth() (for evaluation) repairs nothing.
 
     on_error="raise" stops at the first bad image with a DatasetError naming the file;
     on_error="skip" leaves bad images out and counts them in `problems`. A missing or empty split
@@ -199,36 +144,32 @@ class VOCDataset(Dataset):
         record = self._records[index]
         image = _decode_rgb(record.image_path)
         keep = slice(None) if self.keep_difficult else ~record.difficult
+        size = (record.annotation.height, record.annotation.width)
         target = {
             "boxes": tv_tensors.BoundingBoxes(
                 torch.tensor(record.boxes[keep], dtype=torch.float32).reshape(-1, 4),
                 format=tv_tensors.BoundingBoxFormat.XYXY,
-                canvas_size=(record.height, record.width),
+                canvas_size=size,
             ),
             "labels": torch.tensor(record.labels[keep], dtype=torch.int64),
             "difficult": torch.tensor(record.difficult[keep], dtype=torch.bool),
             "image_id": record.image_id,
-            "orig_size": (record.height, record.width),
+            "orig_size": size,
         }
         if self.transforms is not None:
             return self.transforms(image, target)
         return image, target
 
-    def ground_truth(self) -> list[dict[str, Any]]:
-        """Every image's annotation, without decoding images, for the evaluator.
+    def ground_truth(self) -> GroundTruth:
+        """The split's evaluation ground truth, without decoding images: every annotation as the
+        official devkit reads it (devkit_ground_truth, as voc_eval does), so boxes past the image
+        edge are not clipped and empty ones not dropped, whatever the training targets hold.
 
         Difficult objects are always included (flagged), whatever keep_difficult says: the VOC
         metric needs them to ignore detections that match them.
         """
-        return [
-            {
-                "image_id": r.image_id,
-                "boxes": r.boxes.copy(),
-                "labels": r.labels.copy(),
-                "difficult": r.difficult.copy(),
-            }
-            for r in self._records
-        ]
+        annotations = ((r.image_id, r.annotation) for r in self._records)
+        return devkit_ground_truth(annotations, self.classes)
 
     def _load_split(self) -> list[_Record]:
         records = []
@@ -284,8 +225,7 @@ class VOCDataset(Dataset):
                 errors.MISSING_ANNOTATION,
             )
         annotation = parse_annotation(xml_path)
-        objects = annotation["objects"]
-        unknown = sorted({o["name"] for o in objects} - set(self.classes))
+        unknown = unknown_classes(annotation, self.classes)
         if unknown:
             raise DatasetError(
                 f"{xml_path}: unknown class {', '.join(map(repr, unknown))}; known classes: "
@@ -293,19 +233,15 @@ class VOCDataset(Dataset):
                 errors.UNKNOWN_CLASS,
             )
         image_path = self.root / "JPEGImages" / f"{image_id}.jpg"
-        size = (annotation["width"], annotation["height"])
-        self._check_image(image_path, xml_path, size)
-        boxes, keep = self._repair_boxes(objects, size, xml_path)
+        self._check_image(image_path, xml_path, (annotation.width, annotation.height))
+        boxes, keep = self._repair_boxes(annotation, xml_path)
         return _Record(
             image_id=image_id,
             image_path=image_path,
-            height=annotation["height"],
-            width=annotation["width"],
+            annotation=annotation,
             boxes=boxes[keep],
-            labels=np.array(
-                [self.classes.index(o["name"]) + 1 for o in objects], dtype=np.int64
-            )[keep],
-            difficult=np.array([o["difficult"] for o in objects], dtype=bool)[keep],
+            labels=object_labels(annotation, self.classes)[keep],
+            difficult=np.array([o.difficult for o in annotation.objects], dtype=bool)[keep],
         )
 
     def _check_image(self, image_path: Path, xml_path: Path, size: tuple[int, int]) -> None:
@@ -330,16 +266,12 @@ class VOCDataset(Dataset):
             )
 
     def _repair_boxes(
-        self, objects: list[dict[str, Any]], size: tuple[int, int], xml_path: Path
+        self, annotation: Annotation, xml_path: Path
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Clip boxes to the image and mark the ones with no area left; count both."""
-        width, height = size
-        raw = voc_to_xyxy(np.array([o["bbox"] for o in objects], dtype=np.float64))
-        boxes = raw.clip(0.0, [width, height, width, height])
-        clipped = (boxes != raw).any(axis=1)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        for i, obj in enumerate(objects):
-            where = f"{xml_path} (object {i + 1}, {obj['name']}, bbox {obj['bbox']})"
+        """The training targets' boxes, clipped, and which to keep (repair_boxes); counts both."""
+        boxes, clipped, keep = repair_boxes(annotation)
+        for i, obj in enumerate(annotation.objects):
+            where = f"{xml_path} (object {i + 1}, {obj.name}, bbox {obj.bbox})"
             if not keep[i]:
                 self.problems.add(errors.BOX_DROPPED, where)
             elif clipped[i]:

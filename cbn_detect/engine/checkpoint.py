@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cbn_detect.engine import io
 from cbn_detect.engine.precision import Precision
-from cbn_detect.engine.runtime import rng_state, set_rng_state
+from cbn_detect.runtime import io, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Detection evaluation: devkit-exact VOC AP, devkit-format files, COCO-style AP.
 
-Only light modules (numpy) are re-exported here, so importing cbn_detect.evaluation.types (as the
-data package does) stays cheap; the torch-based evaluator is imported from its own module.
+Only light modules (numpy) are re-exported here; the torch-based evaluator is imported from its
+own module. The types scored here (GroundTruth, Detections) and the classes live in cbn_detect.voc.
 """
 
 from cbn_detect.evaluation.coco_metrics import COCO_KEYS, evaluate_coco
@@ -11,16 +11,12 @@ from cbn_detect.evaluation.devkit_io import (
     read_ground_truth,
     write_detections,
 )
-from cbn_detect.evaluation.types import VOC_CLASSES, Detections, GroundTruth
 from cbn_detect.evaluation.voc_ap import METRICS, VOCResult, evaluate_voc
 
 __all__ = [
     "COCO_KEYS",
     "METRICS",
-    "VOC_CLASSES",
-    "Detections",
     "DevkitFormatError",
-    "GroundTruth",
     "VOCResult",
     "evaluate_coco",
     "evaluate_voc",

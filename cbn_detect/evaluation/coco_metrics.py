@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cbn_detect.evaluation.types import Detections, GroundTruth
+from cbn_detect.voc import Detections, GroundTruth
 
 COCO_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 """The first six entries of COCOeval.stats, in its order."""

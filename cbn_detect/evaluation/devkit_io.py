@@ -2,7 +2,7 @@
 
 Result files are what makes our numbers checkable by anyone with the official devkit, so writing
 and reading them are exact inverses for everything the devkit sees: coordinates go through
-cbn_detect.boxes' VOC convention and every number is written with Python's shortest round-tripping
+cbn_detect.voc.boxes' VOC convention and every number is written with Python's shortest round-tripping
 repr, so the scores and VOC-convention boxes read back are bit-identical to the ones scored in
 memory (and hence the AP, score ties included). Only a continuous x1 or y1 can differ in its last
 bits, because the file holds x1 + 1 and subtracting 1 again rounds for some doubles; adding 1 gives
@@ -12,15 +12,21 @@ back the written value exactly whenever x1 >= -0.5.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from cbn_detect.boxes import voc_to_xyxy, xyxy_to_voc
-from cbn_detect.evaluation.types import Detections, GroundTruth
+from cbn_detect.runtime import io
+from cbn_detect.voc import (
+    Detections,
+    GroundTruth,
+    devkit_ground_truth,
+    parse_annotation,
+    unknown_classes,
+    voc_to_xyxy,
+    xyxy_to_voc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +42,6 @@ def detection_file(
 ) -> Path:
     """The devkit's name for one class's result file, e.g. comp4_det_test_car.txt."""
     return Path(results_dir) / f"{prefix}_{split}_{class_name}.txt"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and rename it into place, so a reader
-    (or an interrupted run) never sees a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_detections(
@@ -84,7 +76,7 @@ def write_detections(
     paths = []
     for name, class_lines in zip(class_names, lines):
         path = detection_file(out_dir, split, name, prefix)
-        write_text_atomic(path, "".join(class_lines))
+        io.write_text(path, "".join(class_lines))
         paths.append(path)
     return paths
 
@@ -175,7 +167,8 @@ def read_image_ids(voc_dir: Path, split: str) -> list[str]:
 
 
 def read_ground_truth(voc_dir: Path, split: str, class_names: Sequence[str]) -> GroundTruth:
-    """The split's ground truth from Annotations/<id>.xml: each object's own box and difficult
+    """The split's ground truth from Annotations/<id>.xml as the devkit reads it
+    (devkit_ground_truth, as the in-run evaluation does): each object's own box and difficult
     flag, unclipped, in file order (the devkit breaks IoU ties by that order).
 
     An object whose class is not in class_names is an error rather than skipped: silently
@@ -184,26 +177,17 @@ def read_ground_truth(voc_dir: Path, split: str, class_names: Sequence[str]) -> 
     voc_dir = Path(voc_dir)
     if not voc_dir.is_dir():
         raise FileNotFoundError(f"{voc_dir}: VOC directory not found")
-    image_ids = read_image_ids(voc_dir, split)
-    # Imported here: cbn_detect.data.voc imports torch and imports this package's types, so a
-    # module-level import would slow every start of the CLI and create an import cycle.
-    from cbn_detect.data.voc import parse_annotation
-
-    label_of = {name: k for k, name in enumerate(class_names, start=1)}
-    gt = GroundTruth(image_ids=[], boxes=[], labels=[], difficult=[])
-    for image_id in image_ids:
+    annotations = []
+    for image_id in read_image_ids(voc_dir, split):
         path = voc_dir / "Annotations" / f"{image_id}.xml"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: annotation of image {image_id!r} not found")
-        objects = parse_annotation(path)["objects"]
-        unknown = sorted({o["name"] for o in objects} - label_of.keys())
+        annotation = parse_annotation(path)
+        unknown = unknown_classes(annotation, class_names)
         if unknown:
             raise DevkitFormatError(
                 f"{path}: class {', '.join(unknown)} not among the {len(class_names)} classes "
                 "scored (use --classes for datasets other than VOC)"
             )
-        gt.image_ids.append(image_id)
-        gt.boxes.append(voc_to_xyxy(np.array([o["bbox"] for o in objects], dtype=np.float64)))
-        gt.labels.append(np.array([label_of[o["name"]] for o in objects], dtype=np.int64))
-        gt.difficult.append(np.array([o["difficult"] for o in objects], dtype=bool))
-    return gt
+        annotations.append((image_id, annotation))
+    return devkit_ground_truth(annotations, class_names)

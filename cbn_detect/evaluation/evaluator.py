@@ -12,11 +12,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from cbn_detect.data.build import test_loader
-from cbn_detect.engine.distributed import DistInfo, gather_objects
 from cbn_detect.evaluation.coco_metrics import evaluate_coco
 from cbn_detect.evaluation.devkit_io import write_detections
-from cbn_detect.evaluation.types import Detections, GroundTruth
 from cbn_detect.evaluation.voc_ap import evaluate_voc
+from cbn_detect.runtime import DistInfo, gather_objects
+from cbn_detect.voc import Detections, GroundTruth
 
 
 @torch.no_grad()
@@ -40,15 +40,6 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> Detec
             labels.append(output["labels"].detach().cpu()[keep].numpy().astype(np.int64))
     model.train(was_training)
     return Detections(image_ids=image_ids, boxes=boxes, scores=scores, labels=labels)
-
-
-def ground_truth(records: Sequence[dict[str, Any]]) -> GroundTruth:
-    return GroundTruth(
-        image_ids=[str(r["image_id"]) for r in records],
-        boxes=[np.asarray(r["boxes"], dtype=np.float64).reshape(-1, 4) for r in records],
-        labels=[np.asarray(r["labels"], dtype=np.int64) for r in records],
-        difficult=[np.asarray(r["difficult"], dtype=bool) for r in records],
-    )
 
 
 def _merge_shards(shards: Sequence[tuple[list[int], Detections]]) -> Detections:

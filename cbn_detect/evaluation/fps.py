@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from cbn_detect.engine.runtime import synchronize
+from cbn_detect.runtime import synchronize
 
 
 @torch.no_grad()

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cbn_detect.boxes import xyxy_to_voc
-from cbn_detect.evaluation.types import Detections, GroundTruth
+from cbn_detect.voc import Detections, GroundTruth, xyxy_to_voc
 
 METRICS: tuple[str, ...] = ("voc07", "area")
 """voc07: the 11-point interpolated AP of VOC 2007; area: the area under the precision envelope

@@ -1,4 +1,8 @@
-"""Atomic file writes: a run interrupted at any instant leaves either the old file or the new one."""
+"""Atomic file writes: a run interrupted at any instant leaves either the old file or the new one.
+
+One writer, ``_atomic_write``: the content goes to a temporary file in the target's folder, is
+flushed to disk, then renamed over the target; the temporary file is removed on any failure. The
+entry points below only say how their content becomes bytes."""
 
 from __future__ import annotations
 
@@ -26,8 +30,12 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(Path(path), lambda handle: handle.write(data))
+
+
 def write_text(path: Path, text: str) -> None:
-    _atomic_write(Path(path), lambda handle: handle.write(text.encode("utf-8")))
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, obj: Any) -> None:

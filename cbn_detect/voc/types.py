@@ -1,4 +1,5 @@
-"""The data that crosses the evaluation boundary: ground truth and detections of a whole split.
+"""VOC's classes and the data that crosses the evaluation boundary: a split's ground truth and
+detections.
 
 Both are per-image lists in split order rather than one flat table because the devkit breaks score
 ties by file order (image by image, in split order), so that order is part of the result.
@@ -39,9 +40,9 @@ VOC_CLASSES: tuple[str, ...] = (
 class GroundTruth:
     """One entry per image of the split, in split order.
 
-    boxes are (n_i, 4) float64 continuous xyxy (see cbn_detect.boxes), labels (n_i,) int64 in 1..C,
-    difficult (n_i,) bool. Objects keep their annotation-file order: the devkit breaks IoU ties
-    by it.
+    boxes are (n_i, 4) float64 continuous xyxy (see cbn_detect.voc.boxes), labels (n_i,) int64
+    in 1..C, difficult (n_i,) bool. Objects keep their annotation-file order: the devkit breaks IoU
+    ties by it. cbn_detect.voc.annotations.devkit_ground_truth builds it from annotation files.
     """
 
     image_ids: list[str]

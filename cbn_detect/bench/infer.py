@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,8 +27,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.image_list import ImageList
 
-from cbn_detect.engine.bench import R50, TINY_ARCH, device_name, torchvision_retinanet
-from cbn_detect.engine.runtime import synchronize
+from cbn_detect.bench.common import add_device_option, device_name, interleaved_medians, parse_with_tiny, timed_ms
+from cbn_detect.bench.train import R50, TINY_ARCH, arch_of, torchvision_retinanet
 
 TINY = dict(size=64, images=3, warmup=1)
 DISTINCT_IMAGES = 4  # inputs cycle through this many random images
@@ -191,19 +189,10 @@ def check(reference: RetinaNet, fast: RetinaNet, images: list[Tensor], atol: flo
     return matched_detections(expected, found, atol)
 
 
-def timed(call: Callable[[Tensor], None], image: Tensor, device: torch.device) -> float:
-    """One image's wall time (ms), device-synchronised both ends."""
-    synchronize(device)
-    start = time.perf_counter()
-    call(image)
-    synchronize(device)
-    return (time.perf_counter() - start) * 1e3
-
-
 def benchmark(args: argparse.Namespace) -> tuple[list[tuple[str, float, float, float]], tuple[int, int]]:
     """Rows (path, median ms per image, FPS, ratio to torchvision) and the detection check."""
     torch.manual_seed(0)
-    model = torchvision_retinanet(TINY_ARCH if args.tiny else R50, args.size).to(args.device).eval()
+    model = torchvision_retinanet(arch_of(args), args.size).to(args.device).eval()
     gen = torch.Generator().manual_seed(0)
     images = [torch.rand(3, args.size, args.size, generator=gen).to(args.device) for _ in range(DISTINCT_IMAGES)]
     spread_scores(model, images[0])
@@ -218,26 +207,21 @@ def benchmark(args: argparse.Namespace) -> tuple[list[tuple[str, float, float, f
         with torch.inference_mode():
             fast([image])
 
-    paths = [("torchvision", reference_call), ("fast", fast_call)]
-    times: dict[str, list[float]] = {label: [] for label, _ in paths}
-    for round_ in range(args.warmup + args.images):
-        image = images[round_ % len(images)]
-        shift = round_ % len(paths)
-        for label, call in paths[shift:] + paths[:shift]:
-            elapsed = timed(call, image, args.device)
-            if round_ >= args.warmup:
-                times[label].append(elapsed)
-    medians = [statistics.median(times[label]) for label, _ in paths]
-    rows = [(label, ms, 1e3 / ms, medians[0] / ms) for (label, _), ms in zip(paths, medians)]
+    paths: dict[str, Callable[[Tensor], None]] = {"torchvision": reference_call, "fast": fast_call}
+
+    def measure(path: str, round_: int) -> float:
+        return timed_ms(lambda: paths[path](images[round_ % len(images)]), args.device)
+
+    medians = interleaved_medians(list(paths), args.warmup, args.images, measure)
+    rows = [(label, ms, 1e3 / ms, medians[0] / ms) for label, ms in zip(paths, medians)]
     return rows, agreement
 
 
 def format_table(
     rows: list[tuple[str, float, float, float]], agreement: tuple[int, int], args: argparse.Namespace
 ) -> str:
-    arch = TINY_ARCH if args.tiny else R50
     header = (
-        f"# infer: torchvision RetinaNet {arch.name} (random weights, scores spread), batch 1 x "
+        f"# infer: torchvision RetinaNet {arch_of(args).name} (random weights, scores spread), batch 1 x "
         f"{args.size}px with pre- and post-processing, device {device_name(args.device)}, "
         f"torch {torch.__version__}, median of {args.images} interleaved images"
     )
@@ -258,7 +242,7 @@ def format_table(
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cbn_detect.bench infer", description=__doc__)
-    p.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(p)
     p.add_argument("--size", type=int, default=512, help="square image side in pixels")
     p.add_argument("--images", type=int, default=100, help="timed images per path")
     p.add_argument("--warmup", type=int, default=10, help="untimed images per path")
@@ -270,13 +254,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "adds CUDA graphs)",
     )
     p.add_argument("--atol", type=float, default=1.0, help="box tolerance (px) of the detection check")
-    p.add_argument(
-        "--tiny", action="store_true",
-        help=f"CPU preset, explicit options win: {TINY}, a {TINY_ARCH.name} model instead of {R50.name}",
-    )
-    if "--tiny" in argv:
-        p.set_defaults(**TINY)
-    return p.parse_args(argv)
+    return parse_with_tiny(p, argv, TINY, f"a {TINY_ARCH.name} model instead of {R50.name}")
 
 
 def run(argv: list[str]) -> int:

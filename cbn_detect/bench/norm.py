@@ -9,29 +9,17 @@ full-window steady state, not the plain-BN burn-in.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torchvision
-from torch import nn
+from torch import Tensor, nn
 
+from cbn_detect.bench.common import Variant, add_device_option, interleaved_medians, parse_with_tiny, timed_train_step
 from cbn_detect.norm.convert import convert_norm
 from cbn_detect.norm.registry import NORM_NAMES
 
 TINY = dict(arch="resnet18", batch=2, size=64, iters=3, warmup=2)
-
-
-@dataclass
-class Variant:
-    """One norm under test: its own copy of the trunk, optimizer and step times."""
-
-    label: str
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    times_ms: list[float]
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -61,21 +49,7 @@ def build_variant(spec: str, args: argparse.Namespace) -> Variant:
     trunk = convert_norm(trunk, name, **options).to(args.device)
     if args.channels_last:
         trunk = trunk.to(memory_format=torch.channels_last)
-    return Variant(spec, trunk, torch.optim.SGD(trunk.parameters(), lr=1e-4), [])
-
-
-def train_step(v: Variant, x: torch.Tensor, args: argparse.Namespace) -> float:
-    """One timed step (ms): forward, backward, optimizer update, device-synchronised both ends."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    v.optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-        out = v.model(x)
-    out.float().square().mean().backward()
-    v.optimizer.step()
-    sync()
-    return (time.perf_counter() - start) * 1e3
+    return Variant(spec, trunk, torch.optim.SGD(trunk.parameters(), lr=1e-4))
 
 
 def benchmark(args: argparse.Namespace) -> list[tuple[str, float, float]]:
@@ -85,13 +59,13 @@ def benchmark(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
     if args.channels_last:
         x = x.to(memory_format=torch.channels_last)
-    for round_ in range(args.warmup + args.iters):
-        shift = round_ % len(variants)
-        for v in variants[shift:] + variants[:shift]:
-            elapsed = train_step(v, x, args)
-            if round_ >= args.warmup:
-                v.times_ms.append(elapsed)
-    medians = [statistics.median(v.times_ms) for v in variants]
+
+    def loss(trunk: nn.Module) -> Tensor:
+        return trunk(x).float().square().mean()
+
+    medians = interleaved_medians(
+        variants, args.warmup, args.iters, lambda v, _: timed_train_step(v, loss, args.device, args.dtype == "bf16")
+    )
     return [(v.label, m, m / medians[0]) for v, m in zip(variants, medians)]
 
 
@@ -108,7 +82,7 @@ def format_table(rows: list[tuple[str, float, float]], args: argparse.Namespace)
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cbn_detect.bench norm", description=__doc__)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(p)
     p.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=512, help="square image side in pixels")
@@ -121,12 +95,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="space-separated norm specs, name[:key=value,...], e.g. 'cbn cbn:fused=off'; default: "
         "every norm, plus CBN's reference path on CUDA (where CBN is compiled by default)",
     )
-    p.add_argument("--tiny", action="store_true", help=f"CPU preset, explicit options win: {TINY}")
-    if "--tiny" in argv:
-        p.set_defaults(**TINY)
-    args = p.parse_args(argv)
+    args = parse_with_tiny(p, argv, TINY)
     if args.norms is None:
-        args.norms = list(NORM_NAMES) + (["cbn:fused=off"] if args.device.startswith("cuda") else [])
+        args.norms = list(NORM_NAMES) + (["cbn:fused=off"] if args.device.type == "cuda" else [])
     return args
 
 

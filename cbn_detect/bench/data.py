@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
+from cbn_detect.bench.common import interleaved_medians, parse_with_tiny
 from cbn_detect.data.build import train_loader
 from cbn_detect.data.synthetic import SYNTHETIC_CLASSES, ensure_synthetic_voc
 from cbn_detect.data.transforms import train_transforms
@@ -74,17 +74,14 @@ def images_per_s(data: Dataset, workers: int, args: argparse.Namespace) -> float
 
 def benchmark(data: Dataset, args: argparse.Namespace) -> list[tuple[int, float, float, float]]:
     """(workers, median images/s, images/s per worker, ratio to the target) per worker count."""
-    rates: dict[int, list[float]] = {w: [] for w in args.workers}
-    for round_ in range(args.rounds):
-        shift = round_ % len(args.workers)
-        for workers in args.workers[shift:] + args.workers[:shift]:
-            rates[workers].append(images_per_s(data, workers, args))
-            log.info("round %d, %d workers: %.1f images/s", round_ + 1, workers, rates[workers][-1])
-    rows = []
-    for workers in args.workers:
-        rate = statistics.median(rates[workers])
-        rows.append((workers, rate, rate / max(workers, 1), rate / args.target))
-    return rows
+
+    def measure(workers: int, round_: int) -> float:
+        rate = images_per_s(data, workers, args)
+        log.info("round %d, %d workers: %.1f images/s", round_ + 1, workers, rate)
+        return rate
+
+    rates = interleaved_medians(args.workers, 0, args.rounds, measure)
+    return [(w, rate, rate / max(w, 1), rate / args.target) for w, rate in zip(args.workers, rates)]
 
 
 def format_table(rows: list[tuple[int, float, float, float]], described: str, args: argparse.Namespace) -> str:
@@ -120,10 +117,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--split", default="trainval")
     p.add_argument("--synthetic-images", type=int, default=256)
     p.add_argument("--synthetic-size", type=int, default=500, help="side in px (VOC images are about 500x375)")
-    p.add_argument("--tiny", action="store_true", help=f"CPU preset, explicit options win: {TINY}")
-    if "--tiny" in argv:
-        p.set_defaults(**TINY)
-    return p.parse_args(argv)
+    return parse_with_tiny(p, argv, TINY)
 
 
 def run(argv: list[str]) -> int:

@@ -13,8 +13,6 @@ apply to both, so the ratio compares models, not settings.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +21,14 @@ from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from cbn_detect.engine.runtime import synchronize
+from cbn_detect.bench.common import (
+    Variant,
+    add_device_option,
+    device_name,
+    interleaved_medians,
+    parse_with_tiny,
+    timed_train_step,
+)
 from cbn_detect.models.backbone import ResNetTrunk
 from cbn_detect.models.retinanet import anchor_generator, build_retinanet
 from cbn_detect.norm import convert_norm
@@ -54,6 +59,11 @@ R50 = Arch("resnet50-FPN256", "resnet50", 64, 256, "p6p7", (32, 64, 128, 256, 51
 # retinanet_tiny's trunk and FPN, with 4 head convs like torchvision's head (retinanet_tiny has 2).
 TINY_ARCH = Arch("resnet10w16-FPN64", "resnet10", 16, 64, "none", (16, 32, 64))
 TINY = dict(batch=2, size=64, iters=3, warmup=1)
+
+
+def arch_of(args: argparse.Namespace) -> Arch:
+    """The model size a run measures: R50, or TINY_ARCH under ``--tiny`` (for this row and infer)."""
+    return TINY_ARCH if args.tiny else R50
 
 
 def ours_retinanet(arch: Arch, size: int) -> RetinaNet:
@@ -114,20 +124,6 @@ def synthetic_batch(
     return images, targets
 
 
-@dataclass
-class Variant:
-    """One detector under test: its model, optimizer and step times."""
-
-    label: str
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    times_ms: list[float]
-
-    @property
-    def params_m(self) -> float:
-        return sum(p.numel() for p in self.model.parameters()) / 1e6
-
-
 def prepare(label: str, model: RetinaNet, args: argparse.Namespace) -> Variant:
     """Apply the speed options; ``torch.compile`` covers the backbone only, where the time goes
     and where both detectors have the same structure."""
@@ -137,49 +133,35 @@ def prepare(label: str, model: RetinaNet, args: argparse.Namespace) -> Variant:
     if args.compile:
         model.backbone.compile()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    return Variant(label, model, optimizer, [])
-
-
-def train_step(v: Variant, images: list[Tensor], targets: list[dict[str, Tensor]], args: argparse.Namespace) -> float:
-    """One timed step (ms), device-synchronised both ends."""
-    synchronize(args.device)
-    start = time.perf_counter()
-    v.optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-        losses = v.model(images, targets)
-    sum(losses.values()).backward()
-    v.optimizer.step()
-    synchronize(args.device)
-    return (time.perf_counter() - start) * 1e3
+    return Variant(label, model, optimizer)
 
 
 def benchmark(args: argparse.Namespace) -> list[tuple[str, float, float, float, float]]:
     """(model, parameters in M, median step ms, images/s, ratio to torchvision), torchvision first."""
-    arch = TINY_ARCH if args.tiny else R50
+    arch = arch_of(args)
     torch.manual_seed(0)
     variants = [
         prepare("torchvision", torchvision_retinanet(arch, args.size), args),
         prepare("ours", ours_retinanet(arch, args.size), args),
     ]
     images, targets = synthetic_batch(args.batch, args.size, args.device)
-    for round_ in range(args.warmup + args.iters):
-        shift = round_ % len(variants)
-        for v in variants[shift:] + variants[:shift]:
-            elapsed = train_step(v, images, targets, args)
-            if round_ >= args.warmup:
-                v.times_ms.append(elapsed)
-    rates = [args.batch * 1e3 / statistics.median(v.times_ms) for v in variants]
+
+    def loss(model: nn.Module) -> Tensor:
+        return sum(model(images, targets).values())
+
+    medians = interleaved_medians(
+        variants, args.warmup, args.iters, lambda v, _: timed_train_step(v, loss, args.device, args.dtype == "bf16")
+    )
+    rates = [args.batch * 1e3 / ms for ms in medians]
     return [
-        (v.label, v.params_m, statistics.median(v.times_ms), rate, rate / rates[0])
-        for v, rate in zip(variants, rates)
+        (v.label, v.params_m, ms, rate, rate / rates[0]) for v, ms, rate in zip(variants, medians, rates)
     ]
 
 
 def format_table(rows: list[tuple[str, float, float, float, float]], args: argparse.Namespace) -> str:
-    arch = TINY_ARCH if args.tiny else R50
     options = [args.dtype] + ["channels_last"] * args.channels_last + ["compiled backbone"] * args.compile
     header = (
-        f"# train: RetinaNet {arch.name} from scratch, batch {args.batch} x {args.size}px, "
+        f"# train: RetinaNet {arch_of(args).name} from scratch, batch {args.batch} x {args.size}px, "
         f"{', '.join(options)}, device {device_name(args.device)}, torch {torch.__version__}, "
         f"median of {args.iters} interleaved steps"
     )
@@ -191,13 +173,9 @@ def format_table(rows: list[tuple[str, float, float, float, float]], args: argpa
     return "\n".join(lines)
 
 
-def device_name(device: torch.device) -> str:
-    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cbn_detect.bench train", description=__doc__)
-    p.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(p)
     p.add_argument("--batch", type=int, default=16, help="images per step")
     p.add_argument("--size", type=int, default=512, help="square image side in pixels")
     p.add_argument("--iters", type=int, default=20, help="timed steps per model")
@@ -205,17 +183,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile both backbones")
-    p.add_argument(
-        "--tiny", action="store_true",
-        help=f"CPU preset, explicit options win: {TINY}, models of size {TINY_ARCH.name} instead of {R50.name}",
-    )
-    if "--tiny" in argv:
-        p.set_defaults(**TINY)
-    return p.parse_args(argv)
+    return parse_with_tiny(p, argv, TINY, f"models of size {TINY_ARCH.name} instead of {R50.name}")
 
 
 def run(argv: list[str]) -> int:
     args = parse_args(argv)
     print(format_table(benchmark(args), args))
     return 0
-

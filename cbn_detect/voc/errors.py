@@ -1,4 +1,4 @@
-"""Errors and the problem summary of dataset loading.
+"""Errors and the problem summary of reading a VOC folder.
 
 A training run on 10k images should not die at hour three on one corrupt JPEG, nor silently learn
 from broken labels; so loading either raises at once (naming the file) or skips and *counts*,

@@ -16,9 +16,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from cbn_detect.boxes import xyxy_to_voc
-from cbn_detect.evaluation.types import VOC_CLASSES, Detections, GroundTruth
 from cbn_detect.evaluation.voc_ap import VOCResult, area_ap, evaluate_voc, voc07_ap
+from cbn_detect.voc import VOC_CLASSES, Detections, GroundTruth, xyxy_to_voc
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +135,7 @@ def _best_time(fn: Callable[[], VOCResult], repeats: int) -> tuple[float, VOCRes
     return best, result
 
 
-def run(argv: list[str]) -> int:
-    """Build the problem, time both implementations, print the table; 1 if their mAPs differ."""
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cbn_detect.bench eval", description=__doc__)
     parser.add_argument("--images", type=int, default=4952)
     parser.add_argument("--dets-per-image", type=int, default=100)
@@ -145,8 +143,12 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--metric", choices=("voc07", "area"), default="voc07")
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs each")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def run(argv: list[str]) -> int:
+    """Build the problem, time both implementations, print the table; 1 if their mAPs differ."""
+    args = parse_args(argv)
     class_names = [f"class{k}" for k in range(1, args.classes + 1)]
     gt, dets = synthetic_problem(args.images, args.classes, args.dets_per_image, args.seed)
     n_dets = sum(len(s) for s in dets.scores)
