@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io as text_io
 import json
 import logging
-import os
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
+from io import BytesIO, StringIO
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cbn_detect import stats
-from cbn_detect.engine import io
+from cbn_detect.results import read_results
+from cbn_detect.runtime import io
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ FIGURES: tuple[tuple[str, str], ...] = (
     ("loss_variance.png", "Training loss variance (last epoch) per norm"),
 )
 
+# Row keys: fields of results.json (cbn_detect.results) or the nested numbers _flatten lifts out.
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("map_voc07", "VOC07 mAP"),
     ("map_area", "area mAP"),
@@ -86,9 +87,9 @@ def collect_runs(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for hydra_dir in sorted(sweep_dir.glob("**/.hydra")):
         job_dir = hydra_dir.parent
-        results_path = job_dir / "results.json"
-        if results_path.exists():
-            results = json.loads(results_path.read_text(encoding="utf-8"))
+        found = read_results(job_dir)
+        if found is not None:
+            results = found.to_dict()
         else:
             results = _identity_from_config(hydra_dir / "config.yaml")
             results["status"] = "unfinished"
@@ -109,10 +110,14 @@ def _identity_from_config(config_path: Path) -> dict[str, Any]:
     }
 
 
+NESTED_COLUMNS = {"coco_ap50": ("coco", "AP50"), "fps_model": ("fps", "fps_model")}
+"""Row keys lifted out of results.json's nested fields: key -> (field, key inside it)."""
+
+
 def _flatten(results: dict[str, Any]) -> dict[str, Any]:
     row = {k: v for k, v in results.items() if not isinstance(v, dict)}
-    row["coco_ap50"] = (results.get("coco") or {}).get("AP50")
-    row["fps_model"] = (results.get("fps") or {}).get("fps_model")
+    for key, (field, inner) in NESTED_COLUMNS.items():
+        row[key] = (results.get(field) or {}).get(inner)
     return row
 
 
@@ -241,7 +246,7 @@ def results_csv(rows: Sequence[dict[str, Any]]) -> str:
         "job_dir", "status", "model", "norm", "batch", "world_size", "total_batch", "seed",
         *(k for k, _ in COLUMNS), "reason", "error",
     ]
-    out = text_io.StringIO()
+    out = StringIO()
     writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
@@ -267,9 +272,9 @@ def load_loss_curve(metrics_path: Path) -> tuple[list[int], list[float]]:
 def _save_png(figure: Figure, path: Path) -> None:
     """Atomic like every other file of a sweep: a report interrupted while drawing leaves no half PNG."""
     FigureCanvasAgg(figure)
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    buffer = BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    io.write_bytes(path, buffer.getvalue())
 
 
 def _axes_grid(figure: Figure, count: int, width: float = 4.5) -> list[Axes]:

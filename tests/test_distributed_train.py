@@ -14,8 +14,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from cbn_detect.data.build import build_dataset, class_names
-from cbn_detect.engine.distributed import DistInfo
-from cbn_detect.evaluation.evaluator import evaluate, ground_truth
+from cbn_detect.runtime import DistInfo
+from cbn_detect.evaluation.evaluator import evaluate
 from cbn_detect.train import build_model
 from tests.conftest import CONF_DIR, REPO, TINY_RUN
 
@@ -48,7 +48,7 @@ def test_torchrun_two_processes_match_a_single_process_evaluation(tmp_path: Path
     torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1): same kernels, same rounding
     try:
         single = evaluate(
-            net, test_set, ground_truth(test_set.ground_truth()), classes, torch.device("cpu"), DistInfo(),
+            net, test_set, test_set.ground_truth(), classes, torch.device("cpu"), DistInfo(),
             batch=1, workers=0, metrics=["voc07"], coco=False, detections_dir=tmp_path / "single", split="test",
         )
     finally:

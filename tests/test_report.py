@@ -276,3 +276,11 @@ def test_runs_pair_only_at_the_same_world_size(caplog: pytest.LogCaptureFixture)
 def test_paired_section_says_why_it_is_empty_without_bn() -> None:
     section = paired_section([_completed_row("cbn", 0, 1, 0.5)])
     assert section.startswith("## Paired difference to BN") and "Nothing to pair" in section
+
+
+def test_every_column_is_a_results_field_or_lifted_out_of_one():
+    from cbn_detect.report import COLUMNS, NESTED_COLUMNS
+    from cbn_detect.results import FIELDS
+
+    assert all(key in FIELDS or key in NESTED_COLUMNS for key, _ in COLUMNS)
+    assert all(field in FIELDS for field, _ in NESTED_COLUMNS.values())

@@ -34,7 +34,7 @@ def test_persistent_nonfinite_losses_stop_the_run_as_diverged(tmp_path: Path) ->
     )
     results = run(cfg, tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert on_disk["status"] == results["status"] == "diverged"
+    assert on_disk["status"] == results.status == "diverged"
     assert "3 consecutive steps" in on_disk["error"] and "optim.lr" in on_disk["error"]
     assert on_disk["nonfinite_steps"] == 3
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -63,7 +63,7 @@ def _train(args: list[str], cwd: Path) -> subprocess.Popen:
 
 
 # 128 px images make a step slow enough (~0.1 s) for the signal to land inside the run.
-RESUME_RUN = [*TINY_RUN, "data.synthetic.image_size=128", "model.min_size=128", "model.max_size=128",
+RESUME_RUN = [*TINY_RUN, "data.source.image_size=128", "model.min_size=128", "model.max_size=128",
               "train.epochs=4", "eval.coco=false", "diagnostics.level=off"]
 
 
@@ -103,7 +103,7 @@ def test_sigterm_checkpoints_and_the_rerun_ends_identical_to_an_uninterrupted_ru
 WRITER = """
 import sys, time, torch
 from pathlib import Path
-from cbn_detect.engine import io
+from cbn_detect.runtime import io
 def slow(handle):
     handle.write(b"x" * 1_000_000)
     handle.flush()

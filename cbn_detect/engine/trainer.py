@@ -19,10 +19,10 @@ from cbn_detect.data.build import start_epoch
 from cbn_detect.engine.checkpoint import TrainState
 from cbn_detect.engine.diagnostics import GradientMonitor, first_names, nonfinite_gradients, nonfinite_terms
 from cbn_detect.engine.precision import Precision
-from cbn_detect.engine.results import loss_variance
-from cbn_detect.engine.runtime import synchronize
+from cbn_detect.engine.loss_stats import loss_variance
 from cbn_detect.engine.signals import SignalWatch
 from cbn_detect.norm import norm_diagnostics
+from cbn_detect.runtime import synchronize
 from cbn_detect.tracking import MetricSink
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,136 @@
+"""The one definition of ``results.json``: a run's final numbers, which the report, the W&B summary
+and the tests read. ``results_batch_<B>.txt`` repeats them for people.
+
+Every job directory of a sweep ends with one, whatever happened: ``completed`` runs carry their
+scores; ``failed``, ``diverged`` and ``interrupted`` runs their ``error``; ``skipped`` runs (a norm
+that cannot train at this batch on this model) their ``reason``. Fields that do not apply to a run
+are left out of the file rather than written as null.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cbn_detect.runtime import io
+
+RESULTS_FILE = "results.json"
+SCHEMA_VERSION = 1
+
+STATUSES = ("completed", "failed", "diverged", "interrupted", "skipped")
+
+
+@dataclass
+class Results:
+    """``results.json``, field by field, in file order."""
+
+    status: str
+    model: str
+    norm: str
+    batch: int
+    """Images per process."""
+    world_size: int
+    total_batch: int
+    """``batch`` x ``world_size``: the images of one optimizer step."""
+    seed: int
+    data: str
+    schema_version: int = SCHEMA_VERSION
+    error: str | None = None
+    """Why a run failed, diverged or was interrupted."""
+    reason: str | None = None
+    """Why a run was skipped."""
+    map_voc07: float | None = None
+    """VOC07 11-point mAP, the headline number."""
+    map_area: float | None = None
+    """VOC2010+ area mAP."""
+    ap_per_class: dict[str, float | None] | None = None
+    """AP per class under ``ap_metric`` (None: a class without positives)."""
+    ap_metric: str | None = None
+    coco: dict[str, float] | None = None
+    """COCO-style AP, AP50, AP75, APs, APm, APl."""
+    fps: dict[str, Any] | None = None
+    """Batch-1 throughput: fps_model, fps_end_to_end, device, dtype, size, images."""
+    loss_variance: float | None = None
+    """Population variance of the last completed epoch's per-iteration losses (NaN: < 2 values)."""
+    loss_variance_window: float | None = None
+    """The same over the last ``train.loss_window`` iterations."""
+    final_loss: float | None = None
+    train_time_s: float | None = None
+    epochs: int | None = None
+    steps: int | None = None
+    nonfinite_steps: int | None = None
+    eval_time_s: float | None = None
+    num_detections: int | None = None
+    data_problems: dict[str, Any] | None = None
+    device: str | None = None
+    amp: str | None = None
+    torch: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Keys of a file this version does not know (a newer writer's): kept, never dropped."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {k: v for k, v in out.items() if v is not None} | self.extra
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Results:
+        """Tolerant of files this version did not write: a missing identity field reads as None,
+        an unknown key lands in ``extra``."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name != "extra"]
+        values = dict.fromkeys(required) | {k: v for k, v in raw.items() if k in known}
+        values.setdefault("schema_version", 0)  # written before the schema had a version
+        return cls(**values, extra={k: v for k, v in raw.items() if k not in known})
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Results) if f.name != "extra")
+
+
+def read_results(run_dir: Path) -> Results | None:
+    """The run's results, or None when it wrote none yet."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.exists():
+        return None
+    return Results.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def results_text(results: Results) -> str:
+    """The original study's ``results_batch_<B>.txt``, with the settings that produced the numbers."""
+
+    def fmt(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = [
+        f"model: {results.model}",
+        f"norm: {results.norm}",
+        f"batch per process: {results.batch}  world size: {results.world_size}  total batch: {results.total_batch}",
+        f"seed: {results.seed}",
+        f"status: {results.status}",
+    ]
+    for key in ("error", "reason"):
+        if getattr(results, key):
+            lines.append(f"{key}: {getattr(results, key)}")
+    for key in ("map_voc07", "map_area", "loss_variance", "final_loss", "train_time_s", "epochs", "steps"):
+        if getattr(results, key) is not None:
+            lines.append(f"{key}: {fmt(getattr(results, key))}")
+    if results.coco is not None:
+        lines.append("coco: " + "  ".join(f"{k} {fmt(v)}" for k, v in results.coco.items()))
+    if results.fps is not None:
+        fps = results.fps
+        lines.append(
+            f"fps (batch 1, {fps['device']}, {fps['dtype']}): model {fps['fps_model']:.1f}  "
+            f"end-to-end {fps['fps_end_to_end']:.1f}"
+        )
+    if results.ap_per_class is not None:
+        lines.append(f"AP per class ({results.ap_metric or 'voc07'}):")
+        for name, ap in results.ap_per_class.items():
+            lines.append(f"  {name:<14} {'no positives' if ap is None else f'{ap:.4f}'}")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(run_dir: Path, results: Results) -> None:
+    io.write_json(Path(run_dir) / RESULTS_FILE, results.to_dict())
+    io.write_text(Path(run_dir) / f"results_batch_{results.batch}.txt", results_text(results))
