@@ -13,10 +13,10 @@ CONF_DIR = REPO / "conf"
 
 # A run small enough for a few seconds of CPU: 16 training and 8 test images of 64 px.
 TINY_RUN = [
-    "data.synthetic.num_train=16",
-    "data.synthetic.num_val=4",
-    "data.synthetic.num_test=8",
-    "data.synthetic.image_size=64",
+    "data.source.num_train=16",
+    "data.source.num_val=4",
+    "data.source.num_test=8",
+    "data.source.image_size=64",
     "model.min_size=64",
     "model.max_size=64",
     "data.batch=4",

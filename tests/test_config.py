@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from torch.utils.data import ConcatDataset
 
 from cbn_detect.data.build import build_dataset, dataset_problems
@@ -55,7 +56,7 @@ def test_voc0712_trains_on_both_years_and_tests_on_voc2007(tmp_path: Path) -> No
     write_voc(tmp_path / "other", STANDARD_IMAGES[:2], {"trainval": ("000001", "000002")})
     (tmp_path / "other" / "VOCdevkit" / "VOC2007").rename(tmp_path / "VOCdevkit" / "VOC2012")
     cfg = composed("data=voc0712", f"data.root={tmp_path / 'VOCdevkit'}")
-    train = build_dataset(cfg.data, train=True, model_cfg=cfg.model)
+    train = build_dataset(cfg.data, train=True, transforms=instantiate(cfg.augment))
     test = build_dataset(cfg.data, train=False)
     assert isinstance(train, ConcatDataset) and len(train) == 3 + 2
     assert len(test) == len(STANDARD_SPLITS["test"])

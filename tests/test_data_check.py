@@ -28,11 +28,13 @@ def config_dir(tmp_path: Path) -> Path:
     (conf / "config.yaml").write_text("defaults:\n  - data: voc07\n  - _self_\nseed: 0\n")
     (conf / "data" / "voc07.yaml").write_text(
         "name: voc07\nroot: ???\ntrain_split: trainval\ntest_split: test\n" + DATA_KEYS
+        + "source:\n  _target_: cbn_detect.data.sources.devkit_source\n  root: ${..root}\n"
     )
     (conf / "data" / "synthetic.yaml").write_text(
         f"name: synthetic\nroot: {tmp_path / 'cache'}\ntrain_split: train\ntest_split: test\n"
         + DATA_KEYS
-        + "synthetic:\n  num_train: 3\n  num_val: 1\n  num_test: 2\n  image_size: 64\n  seed: 0\n"
+        + "source:\n  _target_: cbn_detect.data.synthetic.synthetic_source\n  cache_dir: ${..root}\n"
+        + "  num_train: 3\n  num_val: 1\n  num_test: 2\n  image_size: 64\n  seed: 0\n"
     )
     return conf
 

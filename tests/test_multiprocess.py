@@ -18,10 +18,10 @@ from tests.conftest import REPO, TINY_RUN
 # taking every image, so both runs see the same joint batch. No flip: its random draws differ
 # between one and two processes.
 ONE_STEP = [
-    *(o for o in TINY_RUN if not o.startswith(("data.synthetic.num_train", "train.epochs", "data.batch"))),
-    "data.synthetic.num_train=4",
+    *(o for o in TINY_RUN if not o.startswith(("data.source.num_train", "train.epochs", "data.batch"))),
+    "data.source.num_train=4",
     "train.epochs=1",
-    "data.hflip=0",
+    "augment.hflip=0",
     "eval.coco=false",
     "diagnostics.level=off",
 ]

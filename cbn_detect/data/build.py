@@ -9,65 +9,50 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from cbn_detect.data.ssd_transforms import ssd_train_transforms
-from cbn_detect.data.synthetic import SYNTHETIC_CLASSES, ensure_synthetic_voc
-from cbn_detect.data.transforms import test_transforms, train_transforms
-from cbn_detect.data.voc import VOCDataset
-from cbn_detect.evaluation.types import VOC_CLASSES
+from cbn_detect.data.sources import DatasetSource
+from cbn_detect.data.transforms import test_transforms
+from cbn_detect.data.voc import Transforms, VOCDataset
 
 log = logging.getLogger(__name__)
 
 
-def class_names(data_cfg: DictConfig) -> tuple[str, ...]:
+def dataset_source(data_cfg: DictConfig) -> DatasetSource:
+    """The dataset's folder and classes, from the config's ``source`` (``_target_`` decides how the
+    folder is obtained: an existing devkit, or the synthetic set generated into a cache)."""
+    return instantiate(data_cfg.source)
+
+
+def class_names(data_cfg: DictConfig, source: DatasetSource | None = None) -> tuple[str, ...]:
+    """``data.classes`` when set, else the dataset's own (``source``, resolved here if not given)."""
     if data_cfg.classes is not None:
         return tuple(data_cfg.classes)
-    return tuple(SYNTHETIC_CLASSES) if data_cfg.name == "synthetic" else tuple(VOC_CLASSES)
+    return (source or dataset_source(data_cfg)).classes
 
 
-def dataset_root(data_cfg: DictConfig) -> Path:
-    """The folder VOCDataset reads: the synthetic cache (generated on first use) or ``data.root``."""
-    root = Path(str(data_cfg.root)).expanduser()
-    if data_cfg.name == "synthetic":
-        return ensure_synthetic_voc(root, **data_cfg.synthetic)
-    return root
-
-
-def model_train_transforms(data_cfg: DictConfig, model_cfg: DictConfig) -> v2.Compose:
-    """Each detector family trains with its own augmentation: RetinaNet flips, SSD crops and expands."""
-    augment = model_cfg.get("augment", "retinanet")
-    if augment == "ssd":
-        return ssd_train_transforms(int(model_cfg.size), float(data_cfg.hflip), list(model_cfg.image_mean))
-    if augment == "retinanet":
-        return train_transforms(float(data_cfg.hflip))
-    raise ValueError(f"model.augment={augment!r} must be 'ssd' or 'retinanet'")
-
-
-def build_dataset(
-    data_cfg: DictConfig, train: bool, model_cfg: DictConfig | None = None
-) -> VOCDataset | ConcatDataset:
-    """The training data (augmented for ``model_cfg``'s family) or the test split (no augmentation:
-    detectors resize inputs themselves and map detections back to the image). ``data.train_sets``
-    (a list of (year, split) pairs, as in ``data=voc0712``) concatenates several training splits."""
-    if train:
-        transforms = model_train_transforms(data_cfg, model_cfg) if model_cfg is not None else train_transforms(
-            float(data_cfg.hflip)
-        )
-    else:
+def build_dataset(data_cfg: DictConfig, train: bool, transforms: Transforms | None = None) -> VOCDataset | ConcatDataset:
+    """The training data (augmented by ``transforms``, the instantiated ``augment`` group; None: not
+    augmented) or the test split (never augmented: detectors resize inputs themselves and map
+    detections back to the image). ``data.train_sets`` (a list of (year, split) pairs, as in
+    ``data=voc0712``) concatenates several training splits."""
+    if not train or transforms is None:
         transforms = test_transforms()
     if train and data_cfg.get("train_sets"):
         parts = [(str(year), str(split)) for year, split in data_cfg.train_sets]
     else:
         parts = [(str(data_cfg.year), str(data_cfg.train_split if train else data_cfg.test_split))]
+    source = dataset_source(data_cfg)
+    classes = class_names(data_cfg, source)
     datasets = [
         VOCDataset(
-            dataset_root(data_cfg),
+            source.root,
             split,
             year=year,
-            classes=class_names(data_cfg),
+            classes=classes,
             keep_difficult=not train or bool(data_cfg.keep_difficult_train),
             transforms=transforms,
             on_error=str(data_cfg.on_error),

@@ -22,9 +22,12 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from cbn_detect.data.sources import DatasetSource
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,13 @@ def ensure_synthetic_voc(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return voc_dir
+
+
+def synthetic_source(cache_dir: str | Path, **params: Any) -> DatasetSource:
+    """The data config's ``source`` for the synthetic set: generated into ``cache_dir`` on first use
+    (``params`` as :func:`ensure_synthetic_voc`), with the classes it was generated with."""
+    root = ensure_synthetic_voc(cache_dir, **params)
+    return DatasetSource(root, tuple(params.get("classes") or SYNTHETIC_CLASSES))
 
 
 def _write_dataset(voc_dir: Path, params: dict, classes: tuple[str, ...]) -> None:

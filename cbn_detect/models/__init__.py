@@ -13,9 +13,7 @@ __all__ = ["build_detector", "build_retinanet", "build_ssd"]
 
 
 def build_detector(model_cfg: DictConfig, num_classes: int) -> nn.Module:
-    """Instantiate the ``model`` config group's ``_target_`` with its kwargs. ``name`` is a label and
-    ``augment`` names the training augmentation the data pipeline uses for this model family."""
+    """Instantiate the ``model`` config group's ``_target_`` with its kwargs (``name`` is a label)."""
     kwargs = OmegaConf.to_container(model_cfg, resolve=True)
     kwargs.pop("name", None)
-    kwargs.pop("augment", None)
     return hydra.utils.instantiate(kwargs, num_classes=num_classes)
