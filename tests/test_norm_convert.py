@@ -22,7 +22,7 @@ from cbn_detect.norm import (
     norm_options,
     resolve_burnin,
 )
-from cbn_detect.norm.registry import gn_groups
+from cbn_detect.norm.registry import gn_groups, norm_defaults
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "norm"
 BN_LIKE = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
@@ -82,6 +82,8 @@ class ToyBackbone(nn.Module):
 
 class ToyDetector(nn.Module):
     """Module paths as in the detector: backbone.body.*, backbone.fpn.*, head.*."""
+
+    norm_regions = {"backbone.fpn": "fpn", "backbone": "backbone", "head": "head"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -260,6 +262,10 @@ def test_config_group_has_one_valid_file_per_norm():
         assert cfg.pop("name") == stem
         assert cfg.pop("where") == ["backbone", "fpn", "head"]
         assert set(cfg) == set(norm_options(stem)), stem
+        # the yaml repeats the constructors' defaults for the command line; only CBN's burn-in
+        # differs on purpose (a fraction of the run, which the constructor cannot know)
+        differ = {k for k, v in norm_defaults(stem).items() if cfg[k] != v}
+        assert differ == ({"burnin"} if stem.startswith("cbn") else set()), stem
         if "burnin" in cfg:
             cfg["burnin"] = resolve_burnin(cfg["burnin"], total_steps=300)
             assert cfg["burnin"] == 200  # int(0.6667 x 300): the CBN authors' 8 of 12 epochs

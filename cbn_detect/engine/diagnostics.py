@@ -7,26 +7,23 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from cbn_detect.norm.convert import match_prefix
 
 log = logging.getLogger(__name__)
 
 LEVELS = ("off", "basic", "full")
 
 
-def module_group(param_name: str) -> str:
-    """A readable coarse group: ``backbone.stem``, ``backbone.layer3``, ``backbone.fpn``, ``head.classification_head``."""
-    parts = param_name.split(".")
-    if parts[0] == "module":  # DistributedDataParallel's wrapper
-        parts = parts[1:]
-    if len(parts) >= 3 and parts[:2] == ["backbone", "body"]:
-        return "backbone." + (parts[2] if parts[2].startswith("layer") else "stem")
-    if len(parts) >= 2 and parts[0] in ("backbone", "head"):
-        return ".".join(parts[:2])
-    return parts[0]
+def module_group(param_name: str, groups: Mapping[str, str] | None) -> str:
+    """A readable coarse group for a parameter, from the model's ``parameter_groups`` (module-path
+    prefix -> name, e.g. ``backbone.body.layer3`` -> ``backbone.layer3``); a model that declares
+    none, or a parameter outside them, is grouped by its top-level module."""
+    return (match_prefix(param_name, groups) if groups else None) or param_name.split(".")[0]
 
 
 def nonfinite_terms(loss_terms: dict[str, Tensor]) -> list[str]:
@@ -47,6 +44,7 @@ class GradientMonitor:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.groups: Mapping[str, str] | None = getattr(model, "parameter_groups", None)
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._warned_missing = False
         self._before: dict[str, Tensor] = {}
@@ -68,7 +66,7 @@ class GradientMonitor:
             if p.grad is None:
                 continue
             g = p.grad.detach().float()
-            group = module_group(name)
+            group = module_group(name, self.groups)
             sq[group] = sq[group].to(g.device) + g.pow(2).sum()
             total[group] = total[group].to(g.device) + g.sum()
             count[group] += g.numel()
@@ -93,7 +91,7 @@ class GradientMonitor:
             if before is None:
                 continue
             delta = (p.detach() - before).float()
-            group = module_group(name)
+            group = module_group(name, self.groups)
             delta_sq[group] = delta_sq[group].to(p.device) + delta.pow(2).sum()
             weight_sq[group] = weight_sq[group].to(p.device) + before.float().pow(2).sum()
             if not delta.any():

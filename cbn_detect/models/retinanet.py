@@ -101,6 +101,21 @@ class RegressionHead(RetinaNetRegressionHead):
         return torch.cat(outputs, dim=1)
 
 
+class RetinaNetDetector(RetinaNet):
+    """torchvision's RetinaNet, declaring where its layers belong (module-path prefix -> name, the
+    longest matching prefix wins): ``norm_regions`` for ``convert_norm(where=...)`` and
+    ``parameter_groups`` for the training diagnostics."""
+
+    norm_regions = {"backbone.fpn": "fpn", "backbone": "backbone", "head": "head"}
+    parameter_groups = {
+        "backbone.body": "backbone.stem",
+        **{f"backbone.body.layer{i}": f"backbone.layer{i}" for i in range(1, 5)},
+        "backbone.fpn": "backbone.fpn",
+        "head.classification_head": "head.classification_head",
+        "head.regression_head": "head.regression_head",
+    }
+
+
 def anchor_generator(sizes: Sequence[int], octave_scales: int = 3) -> AnchorGenerator:
     """RetinaNet's anchors: per level ``size * 2^(i/octave_scales)`` at aspect ratios 0.5, 1, 2."""
     per_level = tuple(tuple(s * 2 ** (i / octave_scales) for i in range(octave_scales)) for s in sizes)
@@ -125,7 +140,7 @@ def build_retinanet(
     fg_iou_thresh: float = 0.5,
     bg_iou_thresh: float = 0.4,
     prior_probability: float = 0.01,
-) -> RetinaNet:
+) -> RetinaNetDetector:
     """A randomly initialised RetinaNet for ``num_classes`` object classes (labels 1..num_classes).
 
     torchvision's focal loss indexes its one-hot target by label, so the network predicts
@@ -145,7 +160,7 @@ def build_retinanet(
         fpn_channels, num_anchors, num_classes + 1, head_convs, num_levels, prior_probability
     )
     head.regression_head = RegressionHead(fpn_channels, num_anchors, head_convs, num_levels)
-    return RetinaNet(
+    return RetinaNetDetector(
         backbone,
         num_classes=num_classes + 1,
         min_size=min_size,

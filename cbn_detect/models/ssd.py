@@ -95,6 +95,20 @@ class SSDFeatures(nn.Module):
         return OrderedDict((str(i), m) for i, m in enumerate(maps))
 
 
+class SSDDetector(SSD):
+    """torchvision's SSD, declaring where its layers belong (module-path prefix -> name, the longest
+    matching prefix wins): ``norm_regions`` for ``convert_norm(where=...)`` (the extra layers are
+    part of the backbone; SSD has no FPN) and ``parameter_groups`` for the training diagnostics."""
+
+    norm_regions = {"backbone": "backbone", "head": "head"}
+    parameter_groups = {
+        "backbone.trunk": "backbone.trunk",
+        "backbone.extras": "backbone.extras",
+        "head.classification_head": "head.classification_head",
+        "head.regression_head": "head.regression_head",
+    }
+
+
 def predictor(in_channels: int, out_channels: int, head_convs: int, output_norm: bool) -> nn.Sequential:
     """``head_convs`` x (3x3 conv -> norm -> ReLU), the 3x3 predictor conv, then optionally its norm."""
     layers: list[nn.Module] = []
@@ -147,7 +161,7 @@ def build_ssd(
     topk_candidates: int = 400,
     iou_thresh: float = 0.5,
     positive_fraction: float = 0.25,
-) -> SSD:
+) -> SSDDetector:
     """A randomly initialised SSD for ``num_classes`` object classes (labels 1..num_classes).
 
     ``trunk`` returns a list of feature maps and has ``out_channels`` (``VGG16Trunk``,
@@ -176,7 +190,7 @@ def build_ssd(
         steps=None if steps is None else [int(s) for s in steps],
     )
     head = ssd_head(features.out_channels, anchors.num_anchors_per_location(), num_classes + 1, head_convs, output_norm)
-    return SSD(
+    return SSDDetector(
         features,
         anchors,
         (size, size),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,15 +21,11 @@ _BN_LIKE = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
 _INHERITED = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def region_of(path: str) -> str | None:
-    """Which part of a detector a module path belongs to (None: not a detector path)."""
-    if path.startswith("backbone.fpn."):
-        return "fpn"
-    if path.startswith("backbone."):
-        return "backbone"
-    if path.startswith("head."):
-        return "head"
-    return None
+def match_prefix(path: str, table: Mapping[str, str]) -> str | None:
+    """The value of the longest key of ``table`` that is ``path`` or a module-path ancestor of it
+    (None if none is): how a detector's ``norm_regions`` and ``parameter_groups`` are read."""
+    matches = [prefix for prefix in table if path == prefix or path.startswith(prefix + ".")]
+    return table[max(matches, key=len)] if matches else None
 
 
 def convert_norm(
@@ -36,14 +33,21 @@ def convert_norm(
 ) -> nn.Module:
     """Replace every BatchNorm-like layer by ``build_norm(name, C, **cfg)``; return the module.
 
-    ``where`` (a subset of backbone/fpn/head) restricts the norm to those parts of a detector;
-    layers elsewhere get no norm at all (``none``). ``where=None`` converts every layer, for models
-    that are not detectors. Each replacement inherits the old layer's affine parameters and
+    ``where`` (a subset of backbone/fpn/head) restricts the norm to those parts of a detector, as
+    its class declares them (``norm_regions``: module-path prefix -> region); layers elsewhere get
+    no norm at all (``none``). ``where=None`` converts every layer, for models that are not
+    detectors. Each replacement inherits the old layer's affine parameters and
     running statistics where it has them. The producing conv of a norm - needed by CBN and by
     ``none`` - is found, in order, from an ancestor's ``norm_producers()`` map, the preceding child
     in an ``nn.Sequential``, or a sibling ``conv<k>`` of a ``bn<k>``; not finding it is an error.
     """
     wanted = _check_where(where)
+    regions = getattr(module, "norm_regions", None)
+    if wanted is not None and not regions:
+        raise ValueError(
+            f"{type(module).__name__} declares no norm_regions (module-path prefix -> one of {REGIONS}); "
+            "pass where=None to convert every layer of a model that is not a detector"
+        )
     build_norm(name, 1, **cfg)  # fail on bad options before touching the model
     if isinstance(module, _BN_LIKE):
         raise ValueError("convert_norm needs a model containing norm layers, not a bare norm layer")
@@ -56,7 +60,7 @@ def convert_norm(
         if isinstance(child, _BN_LIKE)
     ]
     for path, parent, child_name, old in targets:
-        chosen = name if _selected(path, wanted) else "none"
+        chosen = name if _selected(path, wanted, regions) else "none"
         new = _replacement(chosen, old, cfg if chosen == name else {})
         if chosen == "none":
             enable_bias(_producer(path, parent, child_name, explicit))
@@ -81,15 +85,12 @@ def _check_where(where: Iterable[str] | None) -> set[str] | None:
     return wanted
 
 
-def _selected(path: str, wanted: set[str] | None) -> bool:
+def _selected(path: str, wanted: set[str] | None, regions: Mapping[str, str] | None) -> bool:
     if wanted is None:
         return True
-    region = region_of(path)
+    region = match_prefix(path, regions)
     if region is None:
-        raise ValueError(
-            f"norm layer '{path}' is in none of {REGIONS} (paths backbone.*, backbone.fpn.*, head.*);"
-            " pass where=None to convert every layer of a model that is not a detector"
-        )
+        raise ValueError(f"norm layer '{path}' lies in none of the model's norm_regions {dict(regions)}")
     return region in wanted
 
 

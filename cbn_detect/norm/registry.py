@@ -1,9 +1,15 @@
-"""One factory per norm name: the single place that maps a config's ``norm.name`` to a layer."""
+"""Every norm of the study by name: how to build it and what the rest of the program needs to
+know about it (its traits), in one table. Option defaults live in one place, the layers'
+constructors; the conf/norm files list the same values for the command line (a test keeps them
+equal)."""
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -18,85 +24,70 @@ def gn_groups(num_channels: int, max_groups: int = 32) -> int:
     return max(g for g in range(1, min(max_groups, num_channels) + 1) if num_channels % g == 0)
 
 
-def _bn(num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> nn.Module:
-    """Plain BatchNorm: the baseline; its statistics are only as good as the per-process batch."""
-    return nn.BatchNorm2d(num_features, eps=eps, momentum=momentum)
-
-
-def _syncbn(num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> nn.Module:
-    return SyncBatchNorm2d(num_features, eps=eps, momentum=momentum)
-
-
-def _cbn(
-    num_features: int,
-    window: int = 4,
-    burnin: int = 1000,
-    rho: float = 1.0,
-    eps: float = 1e-5,
-    momentum: float = 0.1,
-    fused: str = "auto",
-) -> nn.Module:
-    return CrossIterationBatchNorm2d(num_features, window, burnin, rho, eps, momentum, fused)
-
-
-def _cbn_naive(
-    num_features: int,
-    window: int = 4,
-    burnin: int = 1000,
-    eps: float = 1e-5,
-    momentum: float = 0.1,
-    fused: str = "auto",
-) -> nn.Module:
-    """CBN without the Taylor compensation (rho = 0): the ablation that shows it matters."""
-    return CrossIterationBatchNorm2d(num_features, window, burnin, 0.0, eps, momentum, fused)
-
-
-def _gn(num_features: int, num_groups: int = 32, eps: float = 1e-5) -> nn.Module:
-    """GroupNorm: batch-independent, the usual from-scratch detection baseline (Wu & He 2018)."""
+def group_norm(num_features: int, num_groups: int = 32, eps: float = 1e-5) -> nn.Module:
+    """GroupNorm (Wu & He 2018) with ``num_groups``, or the largest divisor of the channel count
+    below it: batch-independent, the usual from-scratch detection baseline."""
     return nn.GroupNorm(gn_groups(num_features, num_groups), num_features, eps=eps)
 
 
-def _frozenbn(num_features: int, eps: float = 1e-5) -> nn.Module:
-    """Fixed affine map: with no pretrained statistics to freeze it is the identity plus a bias."""
-    return FrozenBatchNorm2d(num_features, eps=eps)
-
-
-def _brn(
-    num_features: int,
-    eps: float = 1e-5,
-    momentum: float = 0.01,
-    r_max: float = 3.0,
-    d_max: float = 5.0,
-    ramp_start: int = 1000,
-    ramp_end: int = 5000,
-) -> nn.Module:
-    return BatchRenorm2d(num_features, eps, momentum, r_max, d_max, ramp_start, ramp_end)
-
-
-def _none(num_features: int) -> nn.Module:
+def no_norm(num_features: int) -> nn.Module:
     """No normalization; convert_norm gives the producing conv a bias instead."""
     return nn.Identity()
 
 
-_FACTORIES: dict[str, Callable[..., nn.Module]] = {
-    "bn": _bn,
-    "syncbn": _syncbn,
-    "cbn": _cbn,
-    "cbn_naive": _cbn_naive,
-    "gn": _gn,
-    "frozenbn": _frozenbn,
-    "brn": _brn,
-    "none": _none,
+@dataclass(frozen=True)
+class NormSpec:
+    """A norm of the study: its layer factory ``build(num_features, **options)`` and its traits."""
+
+    build: Callable[..., nn.Module]
+    batch_statistics: bool
+    """Normalises with statistics of the training batch: cannot learn from one value per channel."""
+    across_processes: bool = False
+    """Its batch is the union of every process's batch (SyncBN)."""
+    burnin: bool = False
+    """Starts with ``norm.burnin`` plain-BN iterations (CBN), whose statistics are the batch's."""
+
+
+NORMS: dict[str, NormSpec] = {
+    "bn": NormSpec(nn.BatchNorm2d, batch_statistics=True),
+    "syncbn": NormSpec(SyncBatchNorm2d, batch_statistics=True, across_processes=True),
+    "cbn": NormSpec(CrossIterationBatchNorm2d, batch_statistics=True, burnin=True),
+    # CBN without the Taylor compensation: the ablation that shows what it buys
+    "cbn_naive": NormSpec(functools.partial(CrossIterationBatchNorm2d, rho=0.0), batch_statistics=True, burnin=True),
+    "gn": NormSpec(group_norm, batch_statistics=False),
+    # with no pretrained statistics to freeze, a fixed identity affine map
+    "frozenbn": NormSpec(FrozenBatchNorm2d, batch_statistics=False),
+    "brn": NormSpec(BatchRenorm2d, batch_statistics=True),
+    "none": NormSpec(no_norm, batch_statistics=False),
 }
 
-NORM_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+NORM_NAMES: tuple[str, ...] = tuple(NORMS)
+
+# Constructor arguments that are not hyper-parameters of the study.
+_NOT_OPTIONS = {"num_features", "affine", "track_running_stats", "bias", "device", "dtype", "process_group"}
+
+
+def norm_spec(name: str) -> NormSpec:
+    if name not in NORMS:
+        raise ValueError(f"unknown norm {name!r}; valid names: {', '.join(NORM_NAMES)}")
+    return NORMS[name]
+
+
+def norm_defaults(name: str) -> dict[str, Any]:
+    """The hyper-parameters a norm accepts (its config keys besides ``name`` and ``where``), with
+    their defaults: the constructor's, minus what the registry fixes (cbn_naive's ``rho``)."""
+    build = norm_spec(name).build
+    fixed = set(build.keywords) if isinstance(build, functools.partial) else set()
+    return {
+        key: param.default
+        for key, param in inspect.signature(build).parameters.items()
+        if key not in _NOT_OPTIONS | fixed and param.kind is not param.VAR_KEYWORD
+    }
 
 
 def norm_options(name: str) -> tuple[str, ...]:
     """The hyper-parameters a norm accepts (its config keys besides ``name`` and ``where``)."""
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown norm {name!r}; valid names: {', '.join(NORM_NAMES)}")
-    return tuple(inspect.signature(_FACTORIES[name]).parameters)[1:]
+    return tuple(norm_defaults(name))
 
 
 def resolve_burnin(burnin: int | float, total_steps: int | None) -> int:
@@ -131,4 +122,4 @@ def build_norm(name: str, num_features: int, **cfg: Any) -> nn.Module:
         raise ValueError(
             f"norm {name!r} got unknown option(s) {unknown}; valid options: {list(valid) or 'none'}"
         )
-    return _FACTORIES[name](num_features, **cfg)
+    return norm_spec(name).build(num_features, **cfg)

@@ -58,10 +58,26 @@ class JsonlSink:
 
 
 class LoggingSink:
-    """A compact line in ``train.log`` for each logged step."""
+    """A compact line in the console and ``train.log`` for each logged step.
+
+    By default only the headline numbers (loss and its terms, lr, gradient norm, throughput,
+    evaluation results) are shown; the per-group and per-layer diagnostics go to ``metrics.jsonl``
+    and W&B only, where they can be plotted (``full=True``, i.e. ``diagnostics.console=true``,
+    prints them too)."""
+
+    HEADLINE = ("epoch", "loss", "loss_variance_window", "lr", "grad_norm", "images_per_s", "nonfinite_total")
+    HEADLINE_GROUPS = ("loss/", "eval/")
+
+    def __init__(self, full: bool = False) -> None:
+        self.full = full
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
+        shown = metrics if self.full else {
+            k: v for k, v in metrics.items() if k in self.HEADLINE or k.startswith(self.HEADLINE_GROUPS)
+        }
+        if not shown:
+            return
+        parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()]
         log.info("step %d  %s", step, "  ".join(parts))
 
     def close(self) -> None:
