@@ -4,7 +4,11 @@
         [--metric voc07|area] [--json FILE] [--classes a,b,c]
 
 Prints a per-class table and the mAP; --json writes {"metric", "mAP", "ap": {class: AP}} with AP
-as fractions (null for a class without positives). A missing class file means no detections.
+as fractions (null for a class without positives). A missing class file means no detections, but a
+results folder without any file for the split is an error (a mistyped --results or --split).
+
+Without --classes the class list comes from the dataset itself (the synthetic set's params.json),
+else from the result files present when they name a class VOC does not have, else VOC's 20.
 """
 
 from __future__ import annotations
@@ -14,10 +18,15 @@ import logging
 import sys
 from pathlib import Path
 
-from cbn_detect.evaluation.devkit_io import read_detections, read_ground_truth
+from cbn_detect.evaluation.devkit_io import (
+    DevkitFormatError,
+    discover_classes,
+    read_detections,
+    read_ground_truth,
+    result_classes,
+)
 from cbn_detect.evaluation.voc_ap import METRICS, VOCResult, evaluate_voc
 from cbn_detect.runtime import io
-from cbn_detect.voc import VOC_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +34,8 @@ log = logging.getLogger(__name__)
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m cbn_detect.voc_eval",
-        description="Score comp4_det_<split>_<class>.txt files by the official VOC devkit's rules.",
+        description="Score comp4_det_<split>_<class>.txt detection files (ours or anyone's) against a "
+        "VOC-layout split by the official VOC devkit's rules; prints AP per class and the mAP.",
     )
     parser.add_argument("--voc-dir", type=Path, required=True, help=".../VOCdevkit/VOC2007")
     parser.add_argument("--split", default="test", help="ImageSets/Main/<split>.txt (default test)")
@@ -35,8 +45,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--classes",
         type=lambda text: [c.strip() for c in text.split(",") if c.strip()],
-        default=list(VOC_CLASSES),
-        help="comma-separated class names in label order (default: the 20 VOC classes)",
+        default=None,
+        help="comma-separated class names in label order (default: the dataset's own list, e.g. the "
+        "synthetic set's params.json; else the result files' classes when they are not VOC's; else "
+        "the 20 VOC classes)",
     )
     parser.add_argument("--prefix", default="comp4_det", help="result file prefix (comp4_det)")
     return parser.parse_args(argv)
@@ -53,13 +65,44 @@ def format_table(result: VOCResult) -> str:
     return "\n".join(lines)
 
 
+def _classes(args: argparse.Namespace) -> list[str]:
+    """The classes to score: --classes, else discovered; an error when the results folder holds no
+    result file for the split, or none for any of these classes (a mistyped --results, --split,
+    --prefix or --classes would otherwise score a table of zeros)."""
+    pattern = f"{args.prefix}_{args.split}_<class>.txt"
+    present = result_classes(args.results, args.split, args.prefix)
+    if not present:
+        raise DevkitFormatError(
+            f"{args.results} holds no {pattern} file: nothing to score (check --results, --split and --prefix)"
+        )
+    if args.classes is not None:
+        classes = list(args.classes)
+    else:
+        found, source = discover_classes(args.voc_dir, present)
+        classes = list(found)
+        log.info("scoring %d classes from %s", len(classes), source)
+    if not set(present) & set(classes):
+        shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+        raise DevkitFormatError(
+            f"{args.results}: the {pattern} files are for {shown}, none of the {len(classes)} classes scored "
+            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}); give the right --classes"
+        )
+    unused = sorted(set(present) - set(classes))
+    if unused:
+        log.warning("%s: result files of %d classes not scored: %s", args.results, len(unused), ", ".join(unused))
+    return classes
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit code 0 on success, 2 on a user mistake (reported on one stderr line)."""
     args = _parse_args(argv)
     try:
-        gt = read_ground_truth(args.voc_dir, args.split, args.classes)
-        dets = read_detections(args.results, args.classes, args.split, gt.image_ids, args.prefix)
-        result = evaluate_voc(gt, dets, args.classes, metric=args.metric)
+        if not args.voc_dir.is_dir():
+            raise FileNotFoundError(f"{args.voc_dir}: VOC directory not found")
+        classes = _classes(args)
+        gt = read_ground_truth(args.voc_dir, args.split, classes)
+        dets = read_detections(args.results, classes, args.split, gt.image_ids, args.prefix)
+        result = evaluate_voc(gt, dets, classes, metric=args.metric)
         print(format_table(result))
         if args.json is not None:
             io.write_json(args.json, result.to_dict())

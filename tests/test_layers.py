@@ -24,6 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": {"voc", "runtime", "data"},
     "jobs": {"voc", "runtime", "data", "engine", "results"},
     "train": {"voc", "runtime", "norm", "models", "data", "tracking", "results", "engine", "evaluation", "jobs"},
+    "evaluate": {"voc", "runtime", "norm", "models", "data", "tracking", "results", "engine", "evaluation", "jobs", "train"},
     "report": {"runtime", "stats", "results"},
     "voc_eval": {"voc", "runtime", "evaluation"},
     "bench": {"voc", "runtime", "norm", "models", "data", "engine", "evaluation"},

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cbn_detect.data.synthetic import SYNTHETIC_CLASSES, ensure_synthetic_voc
 from cbn_detect.evaluation.devkit_io import detection_file, read_ground_truth, write_detections
 from cbn_detect.voc import Detections
 from cbn_detect.voc_eval import main
@@ -116,3 +117,48 @@ def test_missing_results_dir_and_unknown_metric(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--voc-dir", str(voc), "--results", str(tmp_path), "--metric", "coco"])
     assert exit_info.value.code == 2
+
+
+def test_synthetic_detections_scored_without_classes_from_the_dataset_metadata(tmp_path, capsys):
+    """The synthetic set's params.json names its classes (in label order): no --classes needed,
+    also when some class files are missing (they mean no detections)."""
+    voc = ensure_synthetic_voc(tmp_path / "cache", num_train=1, num_val=1, num_test=6, image_size=48)
+    results = perfect_results(voc, list(SYNTHETIC_CLASSES), tmp_path / "results")
+    for name in SYNTHETIC_CLASSES[1:]:
+        detection_file(results, "test", name).unlink()  # only circle's file is left
+    out_json = tmp_path / "scores.json"
+    assert main(["--voc-dir", str(voc), "--results", str(results), "--json", str(out_json)]) == 0
+    scores = json.loads(out_json.read_text())
+    assert list(scores["ap"]) == list(SYNTHETIC_CLASSES)
+    assert scores["ap"]["circle"] == 1.0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[1:-1]] == list(SYNTHETIC_CLASSES)
+
+
+def test_classes_come_from_the_result_files_when_they_are_not_voc(tmp_path):
+    voc = write_voc(tmp_path / "VOC", SHAPES)
+    results = perfect_results(voc, ["circle", "square", "star"], tmp_path / "results")
+    out_json = tmp_path / "scores.json"
+    assert main(["--voc-dir", str(voc), "--results", str(results), "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["ap"] == {"circle": 1.0, "square": 1.0, "star": None}
+
+
+@pytest.mark.parametrize("case", ["empty folder", "other split", "wrong classes"])
+def test_no_result_file_to_score_is_one_error_line(tmp_path, capsys, case):
+    voc = write_voc(tmp_path / "VOC", SHAPES)
+    results = tmp_path / "results"
+    results.mkdir()
+    argv = ["--voc-dir", str(voc), "--results", str(results)]
+    if case == "other split":
+        detection_file(results, "val", "circle").write_text("000001 0.9 1 1 30 30\n")
+    if case == "wrong classes":
+        detection_file(results, "test", "circle").write_text("000001 0.9 1 1 30 30\n")
+        argv += ["--classes", "car,dog"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("voc_eval: error: ")
+    if case == "wrong classes":
+        assert "none of the 2 classes scored" in captured.err
+    else:
+        assert f"{results} holds no comp4_det_test_<class>.txt file" in captured.err

@@ -23,10 +23,25 @@ from cbn_detect.voc import DatasetError, DatasetNotFoundError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
+HELP = """\
+usage: python -m cbn_detect.data.check [key=value | group=option ...]
+
+Scan a configured dataset for bad files without training: decodes every image and reads every
+annotation of the train and test splits, and lists each problem (file and reason).
+
+Takes the same overrides as python -m cbn_detect.train, e.g.
+  python -m cbn_detect.data.check data=voc07 data.root=/data/VOCdevkit
+  python -m cbn_detect.data.check data=voc0712 data.root=/data/VOCdevkit data.test_split=val
+
+Exit status: 0 clean, 1 problems found, 2 usage or configuration error."""
+
 
 def main(argv: Sequence[str] | None = None, config_dir: Path | None = None) -> int:
     """Check the train and test splits of the composed `data` config; returns the exit status."""
     overrides = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(overrides):
+        print(HELP)
+        return 0
     try:
         data_cfg = _compose_data(overrides, Path(config_dir or CONFIG_DIR))
         source = dataset_source(data_cfg)

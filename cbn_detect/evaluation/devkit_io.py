@@ -11,6 +11,7 @@ back the written value exactly whenever x1 >= -0.5.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 
 from cbn_detect.runtime import io
 from cbn_detect.voc import (
+    VOC_CLASSES,
     Detections,
     GroundTruth,
     devkit_ground_truth,
@@ -31,6 +33,10 @@ from cbn_detect.voc import (
 log = logging.getLogger(__name__)
 
 LINE_FORMAT = "<image_id> <score> <xmin> <ymin> <xmax> <ymax>"
+DATASET_METADATA = "params.json"
+"""A dataset's own description, two folders above its ``VOC<year>`` folder
+(``<dataset>/VOCdevkit/VOC2007``), as the synthetic set writes it: its ``classes`` key lists the
+class names in label order."""
 
 
 class DevkitFormatError(ValueError):
@@ -191,3 +197,49 @@ def read_ground_truth(voc_dir: Path, split: str, class_names: Sequence[str]) -> 
             )
         annotations.append((image_id, annotation))
     return devkit_ground_truth(annotations, class_names)
+
+
+def result_classes(results_dir: Path, split: str, prefix: str = "comp4_det") -> list[str]:
+    """The classes that have a ``<prefix>_<split>_<class>.txt`` file in ``results_dir``, by name."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"{results_dir}: results directory not found")
+    head = f"{prefix}_{split}_"
+    return sorted(
+        path.name[len(head) : -len(".txt")]
+        for path in results_dir.glob(f"{head}*.txt")
+        if path.is_file() and len(path.name) > len(head) + len(".txt")
+    )
+
+
+def dataset_classes(voc_dir: Path) -> tuple[tuple[str, ...], Path] | None:
+    """The class list a dataset states about itself (:data:`DATASET_METADATA`) and the file it came
+    from, or None when the dataset states none (real VOC does not). A file of that name without a
+    usable ``classes`` list is someone else's: ignored, with a warning."""
+    path = Path(voc_dir).absolute().parent.parent / DATASET_METADATA
+    if not path.is_file():
+        return None
+    try:
+        classes = json.loads(path.read_text(encoding="utf-8")).get("classes")
+    except (OSError, ValueError, AttributeError) as err:
+        log.warning("%s ignored: not a dataset description (%s)", path, err)
+        return None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        if classes is not None:
+            log.warning("%s ignored: its 'classes' is not a list of class names", path)
+        return None
+    return tuple(classes), path
+
+
+def discover_classes(
+    voc_dir: Path, present: Sequence[str]
+) -> tuple[tuple[str, ...], str]:
+    """The classes to score, in label order, and where they came from, when the user names none:
+    the dataset's own metadata; else, when the result files present (``present``, from
+    :func:`result_classes`) name a class VOC does not have, those files' classes; else VOC's 20."""
+    stated = dataset_classes(voc_dir)
+    if stated is not None:
+        return stated[0], str(stated[1])
+    if present and not set(present) <= set(VOC_CLASSES):
+        return tuple(present), "the result files present"
+    return tuple(VOC_CLASSES), "VOC's 20 classes"
