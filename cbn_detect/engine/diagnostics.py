@@ -26,10 +26,6 @@ def module_group(param_name: str, groups: Mapping[str, str] | None) -> str:
     return (match_prefix(param_name, groups) if groups else None) or param_name.split(".")[0]
 
 
-def nonfinite_terms(loss_terms: dict[str, Tensor]) -> list[str]:
-    return [name for name, value in loss_terms.items() if not torch.isfinite(value).all()]
-
-
 def nonfinite_gradients(model: nn.Module) -> list[str]:
     return [
         name

@@ -2,13 +2,18 @@
 (``--signal``: submitit asks for SIGUSR2, other setups use SIGUSR1). Saving inside a signal
 handler could capture a half-updated model, so the handler only records the signal; the training
 loop checkpoints at the next step boundary and then hands the signal on to whoever handled it
-before (submitit's handler requeues the job), or stops the run."""
+before (submitit's handler requeues the job), or stops the run.
+
+With several processes, the signal may reach only one of them (or each at a different step). Each
+process's :meth:`SignalWatch.flags` ride in the step's all-reduce; :meth:`SignalWatch.agreed` turns
+the summed flags into the one signal every process acts on at the end of that same step."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+from collections.abc import Sequence
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -49,13 +54,36 @@ class SignalWatch:
             log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
         self.received, self._frame = signum, frame
 
-    def hand_on(self, step: int) -> None:
+    def flags(self) -> list[float]:
+        """This process's part of a step's agreement: one count per signal of ``HANDLED``, 1 for the
+        one received so far (if any). Summed over the processes, they go to :meth:`agreed`."""
+        return [float(signum == self.received) for signum in HANDLED]
+
+    @staticmethod
+    def agreed(counts: Sequence[float]) -> int | None:
+        """The signal every process acts on, from the summed :meth:`flags`: the first of ``HANDLED``
+        that any process received (None if none did). The same numbers give the same signal on
+        every process, so all of them hand on the same way."""
+        return next((signum for signum, count in zip(HANDLED, counts) if count > 0), None)
+
+    def hand_on(self, step: int, signum: int | None = None, follower: bool = False) -> None:
         """After the checkpoint, the handler that was there before decides: submitit's requeues
-        the job on its signal and ignores SIGTERM (training goes on); without one, the run stops."""
-        signum, previous = self.received, self._previous.get(self.received)
+        the job on its signal and ignores SIGTERM (training goes on); without one, the run stops.
+
+        ``signum``: the signal agreed by every process (:meth:`agreed`), which this process may not
+        have received itself; by default the one it received. A different signal this process
+        received is kept: the next step's agreement hands it on in turn. ``follower``: this is not
+        the first process of several. submitit requeues from the first task only and returns on the
+        others (so as not to kill the first one while it requeues): a follower whose handler
+        returned from a requeue signal stops here, checkpointed, instead of training on alone."""
+        signum = self.received if signum is None else signum
         assert signum is not None
-        self.received = None
+        frame = self._frame if self.received == signum else None
+        if self.received == signum:
+            self.received = None
+        previous = self._previous.get(signum)
         if callable(previous):
-            previous(signum, self._frame)
-            return
+            previous(signum, frame)
+            if not (follower and signum != signal.SIGTERM):
+                return
         raise TrainingInterrupted(signum, step)

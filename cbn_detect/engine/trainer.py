@@ -11,17 +11,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cbn_detect.data.build import start_epoch
 from cbn_detect.engine.checkpoint import TrainState
-from cbn_detect.engine.diagnostics import GradientMonitor, first_names, nonfinite_gradients, nonfinite_terms
+from cbn_detect.engine.diagnostics import GradientMonitor, first_names, nonfinite_gradients
 from cbn_detect.engine.precision import Precision
 from cbn_detect.engine.loss_stats import loss_variance
 from cbn_detect.engine.signals import SignalWatch
 from cbn_detect.norm import norm_diagnostics
+from cbn_detect.norm.rollback import NormRollback
 from cbn_detect.runtime import synchronize
 from cbn_detect.tracking import MetricSink
 
@@ -80,19 +82,61 @@ def _log(sinks: Sequence[MetricSink], record: dict[str, Any], step: int) -> None
         sink.log(record, step)
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@dataclass(frozen=True)
+class StepAgreement:
+    """What every process acts on after a step's forward, identical on all of them: the loss and its
+    terms averaged over the processes (the global batch's), how many processes had a non-finite
+    loss, and the signal all of them checkpoint on at the end of the step (None: none)."""
+
+    loss: float
+    terms: dict[str, float]
+    nonfinite: int
+    signum: int | None
+
+
+def agree_on_step(loss: torch.Tensor, loss_terms: dict[str, torch.Tensor], watch: SignalWatch) -> StepAgreement:
+    """The step's one all-reduce (a sum of 2 + terms + 3 float64 values) and its one device sync.
+
+    Every process then skips the step, or goes into backward, together: a process alone with a
+    non-finite loss that skipped backward would leave the others waiting in DDP's gradient
+    all-reduce. A signal received by any process rides along, so all of them checkpoint at the same
+    step. The terms are those of the model's loss dict, in its (every process's) order.
+    """
+    world = _world_size()
+    values = torch.stack([loss.detach(), *(t.detach() for t in loss_terms.values())]).double()
+    nonfinite = (~torch.isfinite(values[:1])).double()
+    signals = torch.tensor(watch.flags(), dtype=torch.float64, device=values.device)
+    vector = torch.cat([values, nonfinite, signals])
+    if world > 1:
+        dist.all_reduce(vector)
+    summed = vector.tolist()
+    k = len(loss_terms)
+    means = [v / world for v in summed[: k + 1]]
+    signum = watch.agreed(summed[k + 2 :])
+    return StepAgreement(means[0], dict(zip(loss_terms, means[1:])), round(summed[k + 1]), signum)
+
+
 def _skip_nonfinite(
-    model: nn.Module, loss_terms: dict[str, torch.Tensor], loss_finite: bool, state: TrainState,
+    model: nn.Module, agreed: StepAgreement, state: TrainState,
     settings: LoopSettings, sinks: Sequence[MetricSink], checkpoint: Callable[[], None],
 ) -> None:
-    """Count and report a step whose loss or gradients are not finite; stop a run that keeps failing."""
+    """Count and report a step whose loss or gradients are not finite; stop a run that keeps failing.
+    Every process takes the same decisions here: the counts come from the step's agreement."""
     state.nonfinite_total += 1
     state.nonfinite_consecutive += 1
-    if not loss_finite:
-        what = "loss terms " + first_names(nonfinite_terms(loss_terms))
+    if agreed.nonfinite:
+        what = "loss terms " + first_names([k for k, v in agreed.terms.items() if not math.isfinite(v)])
+        world = _world_size()
+        if world > 1:
+            what += f" (on {agreed.nonfinite} of {world} processes)"
     else:
         what = "gradients of " + first_names(nonfinite_gradients(model))
     log.warning(
-        "step %d: non-finite %s; optimizer step skipped (%d in a row, %d in total)",
+        "step %d: non-finite %s; optimizer step skipped, norm statistics restored (%d in a row, %d in total)",
         state.step + 1, what, state.nonfinite_consecutive, state.nonfinite_total,
     )
     _log(sinks, {"nonfinite_total": state.nonfinite_total}, state.step + 1)
@@ -106,11 +150,25 @@ def _skip_nonfinite(
         )
 
 
-def train_one_epoch(loop: Loop, state: TrainState, watch: SignalWatch, monitor: GradientMonitor) -> None:
+def _checkpoint_and_hand_on(loop: Loop, state: TrainState, watch: SignalWatch, signum: int) -> None:
+    """Every process checkpoints this step; none stops before all have written (the launcher
+    tears the others down as soon as one exits), then each hands the agreed signal on."""
+    loop.checkpoint()
+    follower = _world_size() > 1 and dist.get_rank() != 0
+    if _world_size() > 1:
+        dist.barrier()
+    watch.hand_on(state.step, signum, follower=follower)
+
+
+def train_one_epoch(
+    loop: Loop, state: TrainState, watch: SignalWatch, monitor: GradientMonitor, rollback: NormRollback
+) -> None:
     """One pass over the loader (or what is left of it after a mid-epoch resume).
 
-    Every step checks that the loss and the gradient norm are finite before the optimizer moves:
-    one device sync per step, the price of never stepping on a NaN.
+    Every step agrees across the processes (one small all-reduce, one device sync) that the loss is
+    finite before anyone goes into backward, and checks that the gradient norm is finite (the same
+    on every process after DDP's all-reduce) before the optimizer moves. A skipped step leaves the
+    norms' running statistics and CBN's history as they were before it (``rollback``).
     """
     model, optimizer, settings, sinks, precision = loop.model, loop.optimizer, loop.settings, loop.sinks, loop.precision
     model.train()
@@ -121,13 +179,15 @@ def train_one_epoch(loop: Loop, state: TrainState, watch: SignalWatch, monitor: 
     bar = tqdm(loop.loader, desc=f"epoch {state.epoch + 1}/{settings.epochs}", disable=not settings.progress, leave=False)
     for images, targets in bar:
         images, targets = to_device(images, targets, loop.device)
+        rollback.save()
         with precision.autocast():
             loss_terms = model(images, targets)
         loss_terms = {k: v.float() for k, v in loss_terms.items()}
         loss = sum(loss_terms.values())
         optimizer.zero_grad(set_to_none=True)
+        agreed = agree_on_step(loss, loss_terms, watch)
         diagnose = settings.diagnostics != "off" and (state.step + 1) % settings.diagnostics_every == 0
-        loss_finite = bool(torch.isfinite(loss))
+        loss_finite = agreed.nonfinite == 0
         grad_norm = torch.tensor(math.nan)
         if loss_finite:
             precision.backward(loss)
@@ -149,17 +209,18 @@ def train_one_epoch(loop: Loop, state: TrainState, watch: SignalWatch, monitor: 
                 diag.update(monitor.update_stats())
                 diag.update(norm_diagnostics(loop.net))
                 _log(sinks, diag, state.step + 1)
-            value = loss.item()
-            state.epoch_losses.append(value)
-            state.recent_losses = (state.recent_losses + [value])[-settings.loss_window :]
+            state.epoch_losses.append(agreed.loss)
+            state.recent_losses = (state.recent_losses + [agreed.loss])[-settings.loss_window :]
         else:
-            precision.skip()
-            _skip_nonfinite(loop.net, loss_terms, loss_finite, state, settings, sinks, loop.checkpoint)
+            rollback.restore()
+            if loss_finite:  # gradients overflowed: lower an fp16 loss scale (no backward ran otherwise)
+                precision.skip()
+            _skip_nonfinite(loop.net, agreed, state, settings, sinks, loop.checkpoint)
         loop.scheduler.step()
         state.step += 1
         state.epoch_step += 1
         now = time.perf_counter()
-        state.train_time_s += now - last  # the finiteness check above already synchronised
+        state.train_time_s += now - last  # the agreement above already synchronised
         last = now
         window_images += len(images)
         if state.step % settings.log_every == 0:
@@ -167,8 +228,8 @@ def train_one_epoch(loop: Loop, state: TrainState, watch: SignalWatch, monitor: 
             elapsed = time.perf_counter() - window_start
             record = {
                 "epoch": state.epoch + 1,
-                "loss": loss.item(),
-                **{f"loss/{k}": v.item() for k, v in loss_terms.items()},
+                "loss": agreed.loss,
+                **{f"loss/{k}": v for k, v in agreed.terms.items()},
                 "loss_variance_window": loss_variance(state.recent_losses),
                 "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": grad_norm.item(),
@@ -177,21 +238,22 @@ def train_one_epoch(loop: Loop, state: TrainState, watch: SignalWatch, monitor: 
             _log(sinks, record, state.step)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             window_start, window_images = time.perf_counter(), 0
-        if watch.received is not None:
-            loop.checkpoint()
-            watch.hand_on(state.step)
+        if agreed.signum is not None:
+            _checkpoint_and_hand_on(loop, state, watch, agreed.signum)
 
 
 def fit(loop: Loop, state: TrainState, end_of_epoch: Callable[[TrainState], None]) -> TrainState:
-    """Train from ``state`` to ``settings.epochs``; checkpoint each epoch and on SIGTERM/SIGUSR1/2."""
+    """Train from ``state`` to ``settings.epochs``; checkpoint each epoch and on SIGTERM/SIGUSR1/2
+    (received by any process: all of them checkpoint at the same step)."""
     monitor = GradientMonitor(loop.net)
+    rollback = NormRollback(loop.net)
     with SignalWatch() as watch:
         while state.epoch < loop.settings.epochs:
             start_epoch(loop.loader, state.epoch, state.epoch_step)
             if state.epoch_step == 0:
                 state.epoch_losses = []
             start = time.perf_counter()
-            train_one_epoch(loop, state, watch, monitor)
+            train_one_epoch(loop, state, watch, monitor, rollback)
             state.epoch += 1
             state.epoch_step = 0
             log.info(
@@ -200,4 +262,13 @@ def fit(loop: Loop, state: TrainState, end_of_epoch: Callable[[TrainState], None
                 time.perf_counter() - start,
             )
             end_of_epoch(state)
+        # A signal that came after the last step's agreement (during its backward or the last
+        # checkpoint) is acted on now, by every process alike; the weights are checkpointed.
+        world = _world_size()
+        flags = torch.tensor(watch.flags(), dtype=torch.float64, device=loop.device)
+        if world > 1:
+            dist.all_reduce(flags)
+        signum = watch.agreed(flags.tolist())
+        if signum is not None:
+            _checkpoint_and_hand_on(loop, state, watch, signum)
     return state

@@ -26,6 +26,7 @@ from cbn_detect.norm.cbn_math import (
 )
 from cbn_detect.norm.dtypes import statistics_dtype
 from cbn_detect.norm.producer import ProducerLink
+from cbn_detect.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +114,12 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
     ) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum)
         if window < 1 or burnin < 0 or momentum is None:
-            raise ValueError(
-                f"CBN needs window >= 1, burnin >= 0 and a float momentum (no cumulative average), "
+            raise ConfigError(
+                f"CBN needs norm.window >= 1, norm.burnin >= 0 and a float norm.momentum (no cumulative average), "
                 f"got window={window}, burnin={burnin}, momentum={momentum}"
             )
         if fused not in FUSED_CHOICES:
-            raise ValueError(f"CBN fused must be one of {FUSED_CHOICES}, got {fused!r}")
+            raise ConfigError(f"norm.fused={fused!r} must be one of {FUSED_CHOICES}")
         self.window = int(window)
         self.burnin = int(burnin)
         self.rho = float(rho)
@@ -237,6 +238,26 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
             history["weight"][slot] = self._link.conv.weight.detach()
         self._next = (slot + 1) % (self.window - 1)
         self._count = min(self._count + 1, self.window - 1)
+
+    def step_state(self) -> tuple[tuple[int, int, int], dict[str, Tensor]]:
+        """What the next training forward changes besides the running buffers, so that a step found
+        bad can be undone (see ``norm.rollback``): the counters, and *views* of the one history slot
+        that forward overwrites (none in eval mode, during burn-in or at window 1). The caller
+        copies the views before the forward; :meth:`restore_step_state` puts the copies back."""
+        counters = (self.num_steps, self._count, self._next)
+        if not self.training or self.window == 1 or self.num_steps < self.burnin:
+            return counters, {}
+        slot = self._next
+        return counters, {k: v[slot] for k, v in self._history.items()}
+
+    def restore_step_state(self, counters: tuple[int, int, int], slot: dict[str, Tensor]) -> None:
+        """Undo the one training forward since :meth:`step_state` returned ``counters``, given copies
+        of the slot views it returned (written into the history as it is now: that forward may have
+        moved it to the input's device and dtype)."""
+        self.num_steps, self._count, self._next = counters
+        with torch.no_grad():
+            for key, saved in slot.items():
+                self._history[key][self._next].copy_(saved)
 
     def _history_on(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
         """The history on ``device`` in ``dtype``, plus ``valid_rows[n]``: the slot mask when n
