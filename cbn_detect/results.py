@@ -4,23 +4,35 @@ and the tests read. ``results_batch_<B>.txt`` repeats them for people.
 Every job directory of a sweep ends with one, whatever happened: ``completed`` runs carry their
 scores; ``failed``, ``diverged`` and ``interrupted`` runs their ``error``; ``skipped`` runs (a norm
 that cannot train at this batch on this model) their ``reason``. Fields that do not apply to a run
-are left out of the file rather than written as null.
+are left out of the file rather than written as null; a number that is not finite (a loss variance
+of fewer than two losses, the mAP of a diverged run) is written as null, as in ``metrics.jsonl``, so
+the file is strict JSON. A file that cannot be read (cut short, edited by hand) is an
+:class:`UnreadableResults` naming it, never a bare JSON error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cbn_detect.runtime import io
+from cbn_detect.runtime.errors import ReportedError
+
+log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 SCHEMA_VERSION = 1
 
 STATUSES = ("completed", "failed", "diverged", "interrupted", "skipped")
+
+
+class UnreadableResults(ReportedError):
+    """A ``results.json`` that is not a JSON object (cut short by a full disk or a copy, edited by
+    hand); the message names the file. Its job counts as not completed."""
 
 
 @dataclass
@@ -54,7 +66,8 @@ class Results:
     fps: dict[str, Any] | None = None
     """Batch-1 throughput: fps_model, fps_end_to_end, device, dtype, size, images."""
     loss_variance: float | None = None
-    """Population variance of the last completed epoch's per-iteration losses (NaN: < 2 values)."""
+    """Population variance of the last completed epoch's per-iteration losses (NaN, null in the
+    file: fewer than 2 values)."""
     loss_variance_window: float | None = None
     """The same over the last ``train.loss_window`` iterations."""
     final_loss: float | None = None
@@ -72,8 +85,10 @@ class Results:
     """Keys of a file this version does not know (a newer writer's): kept, never dropped."""
 
     def to_dict(self) -> dict[str, Any]:
+        """The file's content: fields that do not apply (None) left out, then every non-finite
+        number as None (null), by the one rule of :func:`cbn_detect.runtime.io.jsonable`."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        return {k: v for k, v in out.items() if v is not None} | self.extra
+        return io.jsonable({k: v for k, v in out.items() if v is not None} | self.extra)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Results:
@@ -90,11 +105,31 @@ FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Results) if f
 
 
 def read_results(run_dir: Path) -> Results | None:
-    """The run's results, or None when it wrote none yet."""
+    """The run's results, or None when it wrote none yet; :class:`UnreadableResults` when the file
+    is there but is not a JSON object. (NaN, written by earlier versions, still reads.)"""
     path = Path(run_dir) / RESULTS_FILE
     if not path.exists():
         return None
-    return Results.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError(f"it holds a JSON {type(raw).__name__}, not an object")
+        return Results.from_dict(raw)
+    except (OSError, ValueError, TypeError) as err:
+        raise UnreadableResults(f"{path} cannot be read ({type(err).__name__}: {err})") from err
+
+
+def completed_results(run_dir: Path, *, warn: bool = True) -> Results | None:
+    """The results of a completed run in ``run_dir``, else None: no file yet, another status, or a
+    file that cannot be read, which counts as not completed (so the job runs or resumes and writes
+    a new one) with a warning naming it unless ``warn`` is false."""
+    try:
+        found = read_results(run_dir)
+    except UnreadableResults as err:
+        if warn:
+            log.warning("%s; counting the job as not completed", err)
+        return None
+    return found if found is not None and found.status == "completed" else None
 
 
 def results_text(results: Results) -> str:

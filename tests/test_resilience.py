@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from cbn_detect.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from cbn_detect.engine.optim import build_optimizer, build_scheduler
 from cbn_detect.engine.precision import Precision
+from cbn_detect.runtime.errors import CheckpointError
 from cbn_detect.train import run
 from tests.conftest import CONF_DIR, REPO, TINY_RUN
 
@@ -140,5 +141,5 @@ def test_an_unreadable_checkpoint_is_an_error_naming_it(tmp_path: Path) -> None:
     model = torch.nn.Linear(3, 2)
     cfg = tiny_cfg()
     optimizer = build_optimizer(model, cfg.optim, 4)
-    with pytest.raises(RuntimeError, match=str(path)):
+    with pytest.raises(CheckpointError, match=str(path)):
         load_checkpoint(path, model, optimizer, build_scheduler(optimizer, cfg.optim, 10), Precision("off", torch.device("cpu")))

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cbn_detect.data.sources import DatasetSource
+from cbn_detect.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,14 @@ def ensure_synthetic_voc(
     classes = tuple(SYNTHETIC_CLASSES if classes is None else classes)
     unknown = sorted(set(classes) - set(SYNTHETIC_CLASSES))
     if unknown or not classes:
-        raise ValueError(
-            f"synthetic classes must be a non-empty subset of {SYNTHETIC_CLASSES}, got {classes}"
+        raise ConfigError(
+            f"data.classes={list(classes)} must be a non-empty subset of the synthetic classes {SYNTHETIC_CLASSES}"
         )
     if min(num_train, num_val, num_test) < 1 or image_size < 32:
-        raise ValueError("every split needs at least one image, and image_size must be >= 32")
+        raise ConfigError(
+            "data.source.num_train, num_val and num_test must be >= 1 and data.source.image_size >= 32, got "
+            f"{num_train}, {num_val}, {num_test} and {image_size}"
+        )
     params = {
         "version": GENERATOR_VERSION,
         "num_train": num_train,

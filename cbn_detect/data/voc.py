@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
+from cbn_detect.runtime.errors import ConfigError
 from cbn_detect.voc import (
     VOC_CLASSES,
     Annotation,
@@ -115,9 +116,9 @@ class VOCDataset(Dataset):
         verify_images: VerifyImages = "header",
     ) -> None:
         if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+            raise ConfigError(f"data.on_error={on_error!r} must be 'raise' or 'skip'")
         if verify_images not in ("header", "full"):
-            raise ValueError(f"verify_images must be 'header' or 'full', got {verify_images!r}")
+            raise ConfigError(f"verify_images must be 'header' or 'full', got {verify_images!r}")
         self.root = resolve_voc_root(root, year)
         self.split = split
         self.classes = tuple(classes)

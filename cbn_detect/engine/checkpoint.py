@@ -4,6 +4,7 @@ history included), optimizer, schedule, fp16 loss scale, progress inside the epo
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from cbn_detect.engine.precision import Precision
 from cbn_detect.runtime import io, rng_state, set_rng_state
+from cbn_detect.runtime.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,9 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     precision: Precision,
 ) -> TrainState:
-    """Restore in place and return the saved progress. A checkpoint that cannot be read is an error
-    naming it: silently starting over would discard the run's work."""
+    """Restore in place and return the saved progress. A checkpoint that cannot be read is a
+    :class:`CheckpointError` naming it and the way to start over: silently starting over would
+    discard the run's work."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(payload["model"])
@@ -75,8 +78,19 @@ def load_checkpoint(
         set_rng_state(payload["rng"])
         state = TrainState(**payload["state"])
     except Exception as err:  # torch raises several types for truncated, foreign or mismatched files
-        raise RuntimeError(
-            f"cannot resume from checkpoint {path}: {err}. Move it away (or use train.resume=never) to start over"
+        raise CheckpointError(
+            f"cannot resume from checkpoint {path} ({_first_sentence(err)}); move it away, or rerun with "
+            "train.resume=never to start over"
         ) from err
     log.info("resumed from %s at epoch %d (+%d steps), step %d", path, state.epoch, state.epoch_step, state.step)
     return state
+
+
+def _first_sentence(err: Exception, limit: int = 200) -> str:
+    """The gist of torch's message: its first line up to the first full stop (torch goes on for a
+    paragraph about zip archives, or lists every missing key), prefixed by the exception's type."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = re.split(r"(?<=\.)\s", text, maxsplit=1)[0].rstrip(".")
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -11,6 +11,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from cbn_detect.runtime.errors import ConfigError
+
 
 def scaled_lr(optim_cfg: DictConfig, total_batch: int) -> float:
     """The linear scaling rule (Goyal et al. 2017): lr x total_batch / reference_batch."""
@@ -54,9 +56,9 @@ class WarmupSchedule:
         gamma: float,
     ) -> None:
         if name not in ("step", "cosine", "constant"):
-            raise ValueError(f"optim.schedule.name={name!r} must be one of step, cosine, constant")
+            raise ConfigError(f"optim.schedule.name={name!r} must be one of step, cosine, constant")
         if any(not 0.0 < m < 1.0 for m in milestones):
-            raise ValueError(f"optim.schedule.milestones={list(milestones)} must be fractions in (0, 1)")
+            raise ConfigError(f"optim.schedule.milestones={list(milestones)} must be fractions in (0, 1)")
         self.total_iters = max(1, total_iters)
         self.warmup_iters = warmup_iters
         self.warmup_factor = warmup_factor

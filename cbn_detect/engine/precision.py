@@ -12,13 +12,15 @@ from typing import Any
 
 import torch
 
+from cbn_detect.runtime.errors import ConfigError
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Precision:
     def __init__(self, mode: str, device: torch.device) -> None:
         if mode not in ("off", *DTYPES):
-            raise ValueError(f"train.amp={mode!r} must be one of off, bf16, fp16")
+            raise ConfigError(f"train.amp={mode!r} must be one of off, bf16, fp16")
         self.mode = mode
         self.device_type = device.type
         self.scaler = torch.amp.GradScaler(device.type, enabled=mode == "fp16")

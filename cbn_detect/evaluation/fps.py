@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cbn_detect.runtime import synchronize
+from cbn_detect.runtime.errors import ConfigError
 
 
 @torch.no_grad()
@@ -22,7 +23,7 @@ def measure_fps(
     model: nn.Module, dataset: Dataset, device: torch.device, num_images: int, warmup: int
 ) -> dict[str, Any]:
     if num_images < 1:
-        raise ValueError(f"eval.fps_images={num_images} must be at least 1")
+        raise ConfigError(f"eval.fps_images={num_images} must be at least 1")
     was_training = model.training
     model.eval()
     count = len(dataset)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cbn_detect.runtime.errors import ConfigError
 from cbn_detect.voc import Detections, GroundTruth, xyxy_to_voc
 
 METRICS: tuple[str, ...] = ("voc07", "area")
@@ -74,7 +75,7 @@ def evaluate_voc(
 ) -> VOCResult:
     """Score detections against ground truth as the devkit scores the equivalent comp4 files."""
     if metric not in METRICS:
-        raise ValueError(f"unknown VOC metric {metric!r}; valid metrics: {', '.join(METRICS)}")
+        raise ConfigError(f"unknown VOC metric {metric!r}; valid metrics: {', '.join(METRICS)}")
     if list(dets.image_ids) != list(gt.image_ids):
         raise ValueError("detections and ground truth must list the same images in the same order")
     n_classes = len(class_names)

@@ -11,6 +11,8 @@ from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelP6P7
 
+from cbn_detect.runtime.errors import ConfigError
+
 _BLOCKS: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet10": (resnet.BasicBlock, [1, 1, 1, 1]),
     "resnet18": (resnet.BasicBlock, [2, 2, 2, 2]),
@@ -32,7 +34,7 @@ class ResNetTrunk(nn.Module):
     def __init__(self, depth: str = "resnet50", base_width: int = 64) -> None:
         super().__init__()
         if depth not in _BLOCKS:
-            raise ValueError(f"model.depth={depth!r} is not one of {sorted(_BLOCKS)}")
+            raise ConfigError(f"model.depth={depth!r} is not one of {sorted(_BLOCKS)}")
         block, layers = _BLOCKS[depth]
         self.inplanes = base_width
         self.conv1 = nn.Conv2d(3, base_width, kernel_size=7, stride=2, padding=3, bias=False)
@@ -79,7 +81,7 @@ def resnet_fpn_backbone(
     """
     trunk = ResNetTrunk(depth, base_width)
     if not returned_stages or min(returned_stages) < 1 or max(returned_stages) > 4:
-        raise ValueError(f"model.returned_stages={returned_stages} must be stage numbers in 1..4")
+        raise ConfigError(f"model.returned_stages={returned_stages} must be stage numbers in 1..4")
     return_layers = {f"layer{s}": str(i) for i, s in enumerate(returned_stages)}
     in_channels = [trunk.stage_channels[s - 1] for s in returned_stages]
     extra: ExtraFPNBlock | None
@@ -88,7 +90,7 @@ def resnet_fpn_backbone(
     elif extra_levels == "none":
         extra = None
     else:
-        raise ValueError(f"model.extra_levels={extra_levels!r} must be 'p6p7' or 'none'")
+        raise ConfigError(f"model.extra_levels={extra_levels!r} must be 'p6p7' or 'none'")
     backbone = BackboneWithFPN(
         trunk, return_layers, in_channels, fpn_channels, extra_blocks=extra, norm_layer=nn.BatchNorm2d
     )

@@ -30,6 +30,7 @@ from torchvision.models.detection.ssd import SSD, SSDHead, SSDScoringHead
 
 from cbn_detect.models.backbone import ResNetTrunk
 from cbn_detect.models.vgg import conv_bn_relu
+from cbn_detect.runtime.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,7 +67,7 @@ class ResNetFeatureMaps(nn.Module):
         super().__init__()
         stages = list(returned_stages)
         if not stages or stages != sorted(set(stages)) or stages[0] < 1 or stages[-1] > 4:
-            raise ValueError(f"model.trunk.returned_stages={stages} must be increasing stage numbers in 1..4")
+            raise ConfigError(f"model.trunk.returned_stages={stages} must be increasing stage numbers in 1..4")
         trunk = ResNetTrunk(depth, base_width)
         self.body = IntermediateLayerGetter(trunk, {f"layer{s}": str(s) for s in stages})
         self.out_channels = [trunk.stage_channels[s - 1] for s in stages]
@@ -176,14 +177,14 @@ def build_ssd(
     ratios = [[int(r) for r in per_map] for per_map in aspect_ratios]
     num_maps = len(features.out_channels)
     if len(ratios) != num_maps:
-        raise ValueError(
+        raise ConfigError(
             f"model.aspect_ratios has {len(ratios)} entries but the trunk and extras give {num_maps} "
             f"feature maps ({len(trunk.out_channels)} trunk + {len(extras)} extra)"
         )
     if scales is not None and len(scales) != num_maps + 1:
-        raise ValueError(f"model.scales needs {num_maps + 1} entries (one per map plus the last), got {len(scales)}")
+        raise ConfigError(f"model.scales needs {num_maps + 1} entries (one per map plus the last), got {len(scales)}")
     if steps is not None and len(steps) != num_maps:
-        raise ValueError(f"model.steps needs {num_maps} entries (one per map), got {len(steps)}")
+        raise ConfigError(f"model.steps needs {num_maps} entries (one per map), got {len(steps)}")
     anchors = DefaultBoxGenerator(
         ratios,
         scales=None if scales is None else [float(s) for s in scales],

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from cbn_detect.norm.dtypes import statistics_dtype
+from cbn_detect.runtime.errors import ConfigError
 
 
 class BatchRenorm2d(nn.BatchNorm2d):
@@ -36,7 +37,10 @@ class BatchRenorm2d(nn.BatchNorm2d):
     ) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum)
         if r_max < 1 or d_max < 0 or not 0 <= ramp_start < ramp_end:
-            raise ValueError("BRN needs r_max >= 1, d_max >= 0 and 0 <= ramp_start < ramp_end")
+            raise ConfigError(
+                "BRN needs norm.r_max >= 1, norm.d_max >= 0 and 0 <= norm.ramp_start < norm.ramp_end, got "
+                f"r_max={r_max}, d_max={d_max}, ramp_start={ramp_start}, ramp_end={ramp_end}"
+            )
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.ramp_start, self.ramp_end = int(ramp_start), int(ramp_end)
 

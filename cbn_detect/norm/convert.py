@@ -13,6 +13,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from cbn_detect.norm.cbn import CrossIterationBatchNorm2d
 from cbn_detect.norm.producer import ProducerLink, enable_bias
 from cbn_detect.norm.registry import build_norm
+from cbn_detect.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def _check_where(where: Iterable[str] | None) -> set[str] | None:
         return None
     wanted = set(where)
     if not wanted <= set(REGIONS):
-        raise ValueError(f"norm.where must be drawn from {REGIONS}, got {sorted(wanted)}")
+        raise ConfigError(f"norm.where must be drawn from {REGIONS}, got {sorted(wanted)}")
     return wanted
 
 

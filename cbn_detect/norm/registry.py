@@ -17,6 +17,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from cbn_detect.norm.brn import BatchRenorm2d
 from cbn_detect.norm.cbn import CrossIterationBatchNorm2d
 from cbn_detect.norm.syncbn import SyncBatchNorm2d
+from cbn_detect.runtime.errors import ConfigError
 
 
 def gn_groups(num_channels: int, max_groups: int = 32) -> int:
@@ -69,7 +70,7 @@ _NOT_OPTIONS = {"num_features", "affine", "track_running_stats", "bias", "device
 
 def norm_spec(name: str) -> NormSpec:
     if name not in NORMS:
-        raise ValueError(f"unknown norm {name!r}; valid names: {', '.join(NORM_NAMES)}")
+        raise ConfigError(f"unknown norm {name!r}; valid names: {', '.join(NORM_NAMES)}")
     return NORMS[name]
 
 
@@ -99,18 +100,18 @@ def resolve_burnin(burnin: int | float, total_steps: int | None) -> int:
     fraction keeps that meaning whatever the schedule's length, and is truncated the same way.
     """
     if isinstance(burnin, bool) or not isinstance(burnin, (int, float)):
-        raise ValueError(f"norm.burnin={burnin!r} must be a number")
+        raise ConfigError(f"norm.burnin={burnin!r} must be a number")
     if isinstance(burnin, int):
         if burnin < 0:
-            raise ValueError(f"norm.burnin={burnin} must be >= 0 iterations")
+            raise ConfigError(f"norm.burnin={burnin} must be >= 0 iterations")
         return burnin
     if not 0.0 < burnin < 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"norm.burnin={burnin}: give iterations as an int >= 0, or a fraction of the training "
             "iterations as a float in (0, 1)"
         )
     if total_steps is None:
-        raise ValueError(f"norm.burnin={burnin} is a fraction of the training iterations, which are unknown here")
+        raise ConfigError(f"norm.burnin={burnin} is a fraction of the training iterations, which are unknown here")
     return int(burnin * total_steps)
 
 
@@ -119,7 +120,7 @@ def build_norm(name: str, num_features: int, **cfg: Any) -> nn.Module:
     valid = norm_options(name)
     unknown = sorted(set(cfg) - set(valid))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"norm {name!r} got unknown option(s) {unknown}; valid options: {list(valid) or 'none'}"
         )
     return norm_spec(name).build(num_features, **cfg)

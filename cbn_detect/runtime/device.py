@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from cbn_detect.runtime.errors import ConfigError
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when present, else CPU; an explicit CUDA request without CUDA is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:  # torch's "Expected one of cpu, cuda, ... device type at start of ..."
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} was requested but torch sees no CUDA device; use device=auto or cpu")
+        raise ConfigError(f"device={name!r} was requested but torch sees no CUDA device; use device=auto or cpu")
     return device
 
 

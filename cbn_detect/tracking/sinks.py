@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Protocol
+
+from cbn_detect.runtime.io import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -15,13 +16,6 @@ class MetricSink(Protocol):
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
 
     def close(self) -> None: ...
-
-
-def _jsonable(value: Any) -> Any:
-    """Non-finite floats become null: JSON has no NaN, and a reader must not choke on a diverged run."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class JsonlSink:
@@ -49,8 +43,8 @@ class JsonlSink:
         self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._handle.write(json.dumps(record) + "\n")
+        record = jsonable({"step": step, **metrics})  # non-finite floats as null, as in results.json
+        self._handle.write(json.dumps(record, allow_nan=False) + "\n")
         self._handle.flush()
 
     def close(self) -> None:
