@@ -4,8 +4,9 @@ Reads every job's ``results.json`` (and notices job directories without one), pr
 model x norm x batch (images per process) with n and mean +- std over seeds, then each norm's
 paired difference to BN in VOC07 mAP with a 95% t-interval over seeds, and writes both into
 ``report.md`` (and every job into ``results.csv``) in the sweep directory. Failed, diverged,
-skipped and unfinished jobs are listed as such, never dropped. The statistics live in
-``cbn_detect.stats``; this module reads runs, lays out tables and draws.
+skipped, unfinished and running jobs (a live ``job.lock``, its holder named) and jobs whose
+``results.json`` cannot be read (``unreadable``, the file named) are listed as such, never dropped.
+The statistics live in ``cbn_detect.stats``; this module reads runs, lays out tables and draws.
 
 It also draws the study's figures into the sweep directory, embedded in ``report.md``:
 ``map_vs_batch.png`` (the headline: how detection quality holds up as the images per process shrink),
@@ -33,8 +34,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cbn_detect import stats
-from cbn_detect.results import read_results
+from cbn_detect.results import UnreadableResults, read_results
 from cbn_detect.runtime import io
+from cbn_detect.runtime.lock import read_holder, stale_reason
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +85,27 @@ def newest_sweep(root: Path = Path("multirun")) -> Path:
 
 
 def collect_runs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job directory (a folder holding ``.hydra/``), finished or not."""
+    """One row per job directory (a folder holding ``.hydra/``), finished or not. A job whose
+    ``results.json`` cannot be read is listed as ``unreadable``, its ``error`` naming the file."""
     rows = []
     for hydra_dir in sorted(sweep_dir.glob("**/.hydra")):
         job_dir = hydra_dir.parent
-        found = read_results(job_dir)
+        try:
+            found, problem = read_results(job_dir), None
+        except UnreadableResults as err:
+            log.warning("%s; listing the job as unreadable", err)
+            found, problem = None, str(err)
         if found is not None:
             results = found.to_dict()
         else:
             results = _identity_from_config(hydra_dir / "config.yaml")
-            results["status"] = "unfinished"
+            results["status"] = "unfinished" if problem is None else "unreadable"
+            if problem is not None:
+                results["error"] = f"{problem}; rerun the job to redo it"
+        holder = read_holder(job_dir)  # a live job.lock: a process is training it (again) right now
+        if holder is not None and results["status"] != "completed":
+            if stale_reason(holder, _lock_stale_h(hydra_dir / "config.yaml") * 3600) is None:
+                results["status"], results["reason"] = "running", f"held by {holder.describe()}"
         results["job_dir"] = str(job_dir.relative_to(sweep_dir))
         rows.append(_flatten(results))
     return rows
@@ -108,6 +121,12 @@ def _identity_from_config(config_path: Path) -> dict[str, Any]:
         "batch": OmegaConf.select(cfg, "data.batch"),
         "seed": OmegaConf.select(cfg, "seed"),
     }
+
+
+def _lock_stale_h(config_path: Path) -> float:
+    from omegaconf import OmegaConf
+
+    return float(OmegaConf.select(OmegaConf.load(config_path), "train.lock_stale_h", default=6.0))
 
 
 NESTED_COLUMNS = {"coco_ap50": ("coco", "AP50"), "fps_model": ("fps", "fps_model")}

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import hydra
@@ -33,22 +38,26 @@ from cbn_detect.engine.loss_stats import loss_variance
 from cbn_detect.engine.optim import build_optimizer, build_scheduler
 from cbn_detect.engine.precision import Precision
 from cbn_detect.engine.preflight import check_batch_statistics
+from cbn_detect.engine.signals import HANDLED, TrainingInterrupted
 from cbn_detect.engine.trainer import Loop, LoopSettings, TrainingDiverged, fit
 from cbn_detect.evaluation.evaluator import evaluate
 from cbn_detect.evaluation.fps import measure_fps
 from cbn_detect.jobs import identity, launch_job, launches_processes, run_job
 from cbn_detect.models import build_detector
 from cbn_detect.norm import convert_norm, resolve_burnin, use_native_sync_batchnorm
-from cbn_detect.results import Results, read_results, write_results
+from cbn_detect.results import Results, completed_results, write_results
 from cbn_detect.runtime import (
     DistInfo,
     broadcast_buffers,
     broadcast_object,
+    gather_objects,
     init_distributed,
     resolve_device,
     seed_everything,
     set_cudnn_benchmark,
 )
+from cbn_detect.runtime.errors import CheckpointError, ConfigError
+from cbn_detect.runtime.lock import claim_job
 from cbn_detect.tracking import JsonlSink, LoggingSink, MetricSink
 from cbn_detect.tracking.wandb_sink import build_wandb_sink
 from cbn_detect.voc import GroundTruth
@@ -139,18 +148,30 @@ def build_sinks(
         LoggingSink(full=bool(cfg.diagnostics.console)),
     ]
     name = f"{cfg.model.name}-{cfg.norm.name}-b{cfg.data.batch}-s{cfg.seed}"
-    wandb_sink = build_wandb_sink(cfg.wandb, OmegaConf.to_container(cfg, resolve=True), name, wandb_group, run_dir)
+    wandb_sink = build_wandb_sink(
+        cfg.wandb, OmegaConf.to_container(cfg, resolve=True), name, wandb_group, run_dir, resume=state.step > 0
+    )
     if wandb_sink is not None:
         sinks.append(wandb_sink)
     return sinks
 
 
 def close_sinks(sinks: list[MetricSink], results: Results | None) -> None:
-    """The final numbers go into the sinks that keep a summary (W&B) before they close."""
+    """The final numbers go into the sinks that keep a summary (W&B) before they close. Every sink
+    is closed even when another one fails to; such a failure is a warning, never an exception that
+    would hide how the run ended."""
+    summary = None if results is None else results.to_dict()
     for sink in sinks:
-        if results is not None and hasattr(sink, "summary"):
-            sink.summary(results.to_dict())
-        sink.close()
+        try:
+            if summary is not None and hasattr(sink, "summary"):
+                sink.summary(summary)
+            sink.close()
+        except Exception as err:  # noqa: BLE001 - see the docstring
+            log.warning("closing %s failed (%s: %s)", type(sink).__name__, type(err).__name__, err)
+
+
+def completed_in(run_dir: Path) -> bool:
+    return completed_results(run_dir, warn=False) is not None  # main() warned about an unreadable one
 
 
 def checkpoint_path(run_dir: Path, info: DistInfo) -> Path:
@@ -230,7 +251,7 @@ def setup_data(
     log.info("data %s: %d training, %d test images", cfg.data.name, len(train_set), len(test_set))
     loader = train_loader(train_set, settings.batch, settings.workers, settings.seed, info.world_size, info.rank)
     if len(loader) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"data.batch={settings.batch} x {info.world_size} processes is more than the "
             f"{len(train_set)} training images"
         )
@@ -239,25 +260,64 @@ def setup_data(
 
 def setup_model(
     cfg: DictConfig, info: DistInfo, device: torch.device, num_classes: int, total_steps: int
-) -> tuple[nn.Module, nn.Module]:
-    """The network, checked for a norm that cannot run at this batch, and its DDP wrapper (or
-    itself in one process)."""
+) -> nn.Module:
+    """The network, checked for a norm that cannot run at this batch (not yet wrapped: see
+    :func:`wrap_model`)."""
     net = build_model(cfg, num_classes, device, total_steps)
     burnin = resolve_burnin(cfg.norm.burnin, total_steps) if "burnin" in cfg.norm else 0
     side = int(cfg.model.get("size", cfg.model.get("min_size", 512)))
     check_batch_statistics(net, str(cfg.norm.name), int(cfg.data.batch), info.world_size, burnin, side, device)
+    return net
+
+
+def wrap_model(net: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """DDP's wrapper of the network (itself in one process). Only once the checkpoint is loaded:
+    DDP's constructor broadcasts rank 0's parameters and buffers, so every process starts (or
+    resumes) from the same weights."""
     if info.world_size == 1:
-        return net, net
-    return net, DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        return net
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def resume(
+    settings: RunSettings, run_dir: Path, info: DistInfo, net: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision,
+) -> TrainState:
+    """Each process's checkpoint loaded into its network (before the DDP wrap), or a fresh state.
+
+    Every process must resume from the same step (or all start over): per-process checkpoints of
+    different steps, or only some processes having one, are a :class:`CheckpointError` naming the
+    files, raised on every process alike (as is one process's unreadable checkpoint)."""
+    path = checkpoint_path(run_dir, info)
+    state, step, problem = TrainState(), None, None
+    if settings.resume == "auto" and path.exists():
+        try:
+            state = load_checkpoint(path, net, optimizer, scheduler, precision)
+            step = state.step
+        except CheckpointError as err:
+            problem = str(err)
+    found = gather_objects((str(path), step, problem), info)
+    problems = [p for _, _, p in found if p is not None]
+    if problems:
+        raise CheckpointError(problems[0])
+    if len({s for _, s, _ in found}) > 1:
+        listed = ", ".join(f"{p} at step {s}" if s is not None else f"{p} missing" for p, s, _ in found)
+        raise CheckpointError(
+            f"the processes' checkpoints are of different steps ({listed}) and cannot resume one run; "
+            "move them away, or rerun with train.resume=never to start over"
+        )
+    return state
 
 
 def setup(cfg: DictConfig, run_dir: Path, wandb_group: str | None) -> Run:
     """Process group, seeds, data, model, optimizer and schedule, the checkpoint to resume from, sinks."""
     settings = RunSettings.from_config(cfg)
     if settings.batch < 1:
-        raise ValueError(f"data.batch={settings.batch} must be at least 1 image per process")
+        raise ConfigError(f"data.batch={settings.batch} must be at least 1 image per process")
     info, device = init_distributed(resolve_device(settings.device))
     run_dir = Path(broadcast_object(str(run_dir), info))
+    # One writer per job directory: rank 0 holds job.lock (or all ranks raise JobLocked and skip).
+    lock = claim_job(run_dir, info, float(cfg.train.lock_stale_h), finished=lambda: completed_in(run_dir))
     if settings.threads:
         torch.set_num_threads(settings.threads)
     set_cudnn_benchmark(settings.cudnn_benchmark)
@@ -265,15 +325,15 @@ def setup(cfg: DictConfig, run_dir: Path, wandb_group: str | None) -> Run:
     seed_everything(settings.seed + info.rank)
     classes, train_set, test_set, loader = setup_data(cfg, settings, info)
     total_steps = len(loader) * settings.epochs
-    net, model = setup_model(cfg, info, device, len(classes), total_steps)
+    net = setup_model(cfg, info, device, len(classes), total_steps)
     optimizer = build_optimizer(net, cfg.optim, settings.batch * info.world_size)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    state = TrainState()
-    checkpoint = checkpoint_path(run_dir, info)
-    if settings.resume == "auto" and checkpoint.exists():
-        state = load_checkpoint(checkpoint, net, optimizer, scheduler, precision)
-    sinks = build_sinks(cfg, run_dir, state, info, wandb_group)
+    state = resume(settings, run_dir, info, net, optimizer, scheduler, precision)
+    model = wrap_model(net, info, device)
     gt = test_set.ground_truth()
+    sinks = build_sinks(cfg, run_dir, state, info, wandb_group)  # last: from here on run() closes them
+    if lock is not None:
+        sinks.append(lock)  # refreshed at every logged step, released when the sinks close
     return Run(
         cfg, settings, info, device, run_dir, precision, classes, train_set, test_set, gt, loader, net, model,
         optimizer, scheduler, state, sinks,
@@ -303,46 +363,91 @@ def finish_diverged(run: Run, err: TrainingDiverged) -> Results:
     results = Results(status="diverged", **run.identity(), error=str(err), **train_summary(run.state))
     if run.info.is_main:
         write_results(run.run_dir, results)
-    close_sinks(run.sinks, results)
     return results
+
+
+class _SignalStop(BaseException):
+    """What :func:`stop_on_signals`' handler raises: a BaseException, as KeyboardInterrupt is, so
+    that no ``except Exception`` it passes through (logging's own, W&B's guard) swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals(step: int) -> Iterator[None]:
+    """Inside, SIGTERM, SIGUSR1 and SIGUSR2 stop the run at once as interrupted
+    (:class:`TrainingInterrupted`: status ``interrupted``, exit code 128 + signum), where their
+    default action would kill the process without a word. For the final evaluation and FPS: the
+    trained weights are checkpointed already, so nothing is lost and a rerun evaluates them. A
+    signal someone else handles (submitit's requeue) is left to that handler."""
+    received: list[int] = []
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if not received:  # a second signal while the first unwinds changes nothing
+            received.append(signum)
+            raise _SignalStop(signum)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in HANDLED:
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, stop)
+    try:
+        yield
+    except _SignalStop as err:
+        log.warning("received %s during the final evaluation; stopping", signal.Signals(err.signum).name)
+        raise TrainingInterrupted(err.signum, step) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def finish(run: Run) -> Results:
     """The final evaluation and FPS, written to ``results.json`` by rank 0 (which returns them;
-    other ranks return their status only)."""
-    start = time.perf_counter()
-    scores = run.score()
-    eval_time = time.perf_counter() - start
-    log_eval(run.sinks, run.state, scores)
-    if not run.info.is_main or scores is None:
-        close_sinks(run.sinks, None)
-        return Results(status="completed", **run.identity())
+    other ranks return their status only). A signal during them ends the run as interrupted
+    (:func:`stop_on_signals`); once the results are being written, it no longer does."""
     s = run.settings
+    with stop_on_signals(run.state.step):
+        log.info("final evaluation on %d test images", len(run.test_set))
+        start = time.perf_counter()
+        scores = run.score()
+        eval_time = time.perf_counter() - start
+        log_eval(run.sinks, run.state, scores)
+        if not run.info.is_main or scores is None:
+            return Results(status="completed", **run.identity())
+        fps = measure_fps(run.net, run.test_set, run.device, s.fps_images, s.fps_warmup)
     results = Results(
-        status="completed", **run.identity(), **scores,
-        fps=measure_fps(run.net, run.test_set, run.device, s.fps_images, s.fps_warmup),
-        **train_summary(run.state), eval_time_s=eval_time,
+        status="completed", **run.identity(), **scores, fps=fps, **train_summary(run.state), eval_time_s=eval_time,
         data_problems={"train": dataset_problems(run.train_set), "test": dataset_problems(run.test_set)},
         device=str(run.device), amp=s.amp, torch=torch.__version__,
     )
     write_results(run.run_dir, results)
-    close_sinks(run.sinks, results)
     log.info(
         "%s %s batch %d: VOC07 mAP %.4f, loss variance %.4g, %.1f FPS -> %s",
-        results.model, results.norm, results.batch, results.map_voc07 or math.nan,
+        results.model, results.norm, results.batch, math.nan if results.map_voc07 is None else results.map_voc07,
         results.loss_variance, results.fps["fps_model"], run.run_dir,
     )
     return results
 
 
 def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> Results:
-    """Train and evaluate one configuration into ``run_dir``."""
+    """Train and evaluate one configuration into ``run_dir``. However it ends (completed, diverged,
+    interrupted, failed), its sinks are closed once setup has built them: W&B finishes,
+    ``metrics.jsonl`` is closed, the job's lock released; with the final numbers when there are."""
     job = setup(cfg, run_dir, wandb_group)
+    results: Results | None = None
     try:
-        train(job)
-    except TrainingDiverged as err:
-        return finish_diverged(job, err)
-    return finish(job)
+        try:
+            train(job)
+        except TrainingDiverged as err:
+            results = finish_diverged(job, err)
+        else:
+            results = finish(job)
+    finally:
+        close_sinks(job.sinks, results)
+    return results
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -350,15 +455,15 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    previous = read_results(run_dir) if cfg.train.resume == "auto" else None
-    if previous is not None and previous.status == "completed":
+    previous = completed_results(run_dir) if cfg.train.resume == "auto" else None  # unreadable: warned, redone
+    if previous is not None:
         log.info("%s already holds a completed run; skipping it (train.resume=never starts over)", run_dir)
         return math.nan if previous.map_voc07 is None else float(previous.map_voc07)
     # The sweep folder's last two parts (<date>/<time> by default) name the W&B group.
     wandb_group = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None
     try:
         several = launches_processes(cfg)
-    except ValueError as err:
+    except ConfigError as err:
         log.error("%s", err)
         sys.exit(2)
     if several:

@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import pty
+import signal
 import subprocess
 import sys
 import threading
@@ -100,6 +101,66 @@ def test_reader_joins_records_split_across_blocks_and_rejects_a_damaged_file(tmp
     run_file.write_bytes(bytes(data))
     with pytest.raises(CorruptRunFile, match="bad chunk"):
         read_offline_run(run_file)
+
+
+def test_a_resumed_job_continues_its_run_id_and_a_fresh_start_gets_a_new_one(tmp_path: Path) -> None:
+    """Offline, each part is its own offline-run folder (W&B 0.31 ignores resume there); the reader
+    puts the parts of one id back together, oldest first."""
+    first = build_wandb_sink(OFFLINE, {}, "n", None, tmp_path)
+    first.log({"loss": 1.0}, 1)
+    first.close(exit_code=143)
+    kept = (tmp_path / "wandb" / "run_id").read_text().strip()
+    second = build_wandb_sink(OFFLINE, {}, "n", None, tmp_path, resume=True)
+    assert second.run.id == kept and not second.run.resumed
+    second.log({"loss": 0.5}, 2)
+    second.close()
+    run = wait_for_run(tmp_path)
+    assert run.run_id == kept and [row["_step"] for row in run.history] == [1, 2]
+    assert run.part_exit_codes == [143, 0] and len({f.parent for f in run.files}) == 2
+
+    fresh = build_wandb_sink(OFFLINE, {}, "n", None, tmp_path, resume=False)
+    fresh.close()
+    assert fresh.run.id != kept == run.run_id
+    assert (tmp_path / "wandb" / "run_id").read_text().strip() == fresh.run.id
+    with pytest.raises(ValueError, match="offline runs of 2 ids"):
+        wait_for_run(tmp_path)
+    assert [row["_step"] for row in wait_for_run(tmp_path, run_id=kept).history] == [1, 2]
+
+
+def test_a_sink_closed_while_an_exception_propagates_records_its_exit_code(tmp_path: Path) -> None:
+    class Interrupted(Exception):
+        signum = 15
+
+    sink = build_wandb_sink(OFFLINE, {}, "n", None, tmp_path)
+    with pytest.raises(Interrupted):
+        try:
+            raise Interrupted
+        finally:
+            sink.close()
+    assert wait_for_run(tmp_path).exit_code == 128 + 15
+
+
+def test_the_run_is_finished_before_a_requeue_handler_ends_the_process(tmp_path: Path) -> None:
+    """As submitit's SIGUSR2 handler (scontrol requeue, then exit): W&B's service dies with the job,
+    so the sink finishes its run first, last step included."""
+    calls = []
+
+    def requeue(signum, frame) -> None:
+        calls.append((signum, wait_for_run(tmp_path, timeout_s=10)))
+
+    previous = signal.signal(signal.SIGUSR1, requeue)
+    try:
+        sink = build_wandb_sink(OFFLINE, {}, "n", None, tmp_path)
+        sink.log({"loss": 1.0}, 1)
+        sink.log({"loss": 0.5}, 2)
+        signal.raise_signal(signal.SIGUSR1)
+        ((signum, run),) = calls
+        assert signum == signal.SIGUSR1 and run.exit_code == 128 + signal.SIGUSR1
+        assert [row["_step"] for row in run.history] == [1, 2]
+        assert signal.getsignal(signal.SIGUSR1) is requeue  # the sink's wrapper is gone with the run
+        sink.close()  # the end of run(): nothing left to do
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 FALLBACK_SCRIPT = """

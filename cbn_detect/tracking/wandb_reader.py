@@ -6,11 +6,17 @@ W&B intact. The ``.wandb`` file is a LevelDB-style log (unchanged since 2020): a
 of type + payload as u32, payload length u16, chunk type u8). A record too long for the rest of a
 block is split into first / middle / last chunks; fewer than 7 bytes left in a block are padding.
 Every record is a ``wandb_internal_pb2.Record`` protobuf.
+
+A run that was resumed (a requeue, a rerun into the same directory) has one ``.wandb`` file per
+process that logged to it: offline, W&B 0.31 starts a new ``offline-run-<time>-<id>`` folder on every
+``wandb.init``, even with the same id and ``resume="allow"`` (``-<id>-1``, ``-2``... within one
+second). ``read_run`` and ``wait_for_run`` put those parts back together in order.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 import time
 import zlib
@@ -45,6 +51,10 @@ class OfflineRun:
     summary: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
     """None until the run's final record is written: the run is still going, or was killed."""
+    files: list[Path] = field(default_factory=list)
+    """The ``.wandb`` files read, oldest first: one per process that logged to the run."""
+    part_exit_codes: list[int | None] = field(default_factory=list)
+    """Each file's exit code (a part that ended by a signal has ``128 + signum``)."""
 
 
 def _chunks(data: bytes, path: Path) -> Iterator[tuple[int, bytes]]:
@@ -112,7 +122,7 @@ def _items(items: Any) -> dict[str, Any]:
 
 def read_offline_run(path: Path) -> OfflineRun:
     """Replay a ``.wandb`` file: the run's identity, final config, history rows and final summary."""
-    run = OfflineRun()
+    run = OfflineRun(files=[Path(path)])
     for record in read_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -133,32 +143,73 @@ def read_offline_run(path: Path) -> OfflineRun:
                 run.summary.pop(_path(item)[0], None)
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
+    run.part_exit_codes = [run.exit_code]
     return run
+
+
+def run_id_of(path: Path) -> str:
+    """``.../offline-run-20261129_182621-abc123/run-abc123.wandb`` -> ``abc123``."""
+    return Path(path).stem.removeprefix("run-")
+
+
+def _age_key(path: Path) -> tuple[str, int]:
+    """Folders sort by the time in their name, then by W&B's ``-N`` suffix for the same second."""
+    match = re.fullmatch(r"offline-run-(\d{8}_\d{6})-(.*)", path.parent.name)
+    if match is None:
+        return path.parent.name, 0
+    rest = match.group(2).removeprefix(run_id_of(path))
+    return match.group(1), int(rest[1:]) if rest[1:].isdigit() else 0
 
 
 def find_run_files(root: Path) -> list[Path]:
     """The ``.wandb`` files of the offline runs under ``root`` (a run directory), oldest first."""
-    return sorted(Path(root).glob("**/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+    return sorted(Path(root).glob("**/offline-run-*/run-*.wandb"), key=_age_key)
 
 
-def wait_for_run(root: Path, timeout_s: float = 30.0) -> OfflineRun:
-    """The one offline run under ``root``, once it is complete.
+def combine(parts: list[OfflineRun]) -> OfflineRun:
+    """The parts of one resumed run (oldest first) as one: identity, config and exit code as the last
+    part has them, history rows in order (as logged: a step logged by two parts stays twice, for the
+    reader to see), summaries updated in order."""
+    emptied = {"config": {}, "history": [], "summary": {}, "files": [], "part_exit_codes": []}
+    run = OfflineRun(**{**vars(parts[-1]), **emptied})
+    for part in parts:
+        run.config.update(part.config)
+        run.history += part.history
+        run.summary.update(part.summary)
+        run.files += part.files
+        run.part_exit_codes += part.part_exit_codes
+    return run
+
+
+def read_run(root: Path, run_id: str | None = None) -> OfflineRun:
+    """The offline run ``run_id`` under ``root`` (the only one there when None), all its parts combined."""
+    files = find_run_files(root)
+    ids = sorted({run_id_of(f) for f in files})
+    if run_id is None:
+        if len(ids) != 1:
+            raise ValueError(f"{root} holds offline runs of {len(ids)} ids ({', '.join(ids)}): name one")
+        run_id = ids[0]
+    parts = [read_offline_run(f) for f in files if run_id_of(f) == run_id]
+    if not parts:
+        raise FileNotFoundError(f"no offline W&B run {run_id} under {root}")
+    return combine(parts)
+
+
+def wait_for_run(root: Path, timeout_s: float = 30.0, run_id: str | None = None) -> OfflineRun:
+    """The offline run under ``root`` (``run_id``, or the only one), once its last part is complete.
 
     ``run.finish()`` can return before W&B's service process has written the file (seen with several
     runs in one process), so a reader right after it polls for the final ``exit`` record.
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        files = find_run_files(root)
-        if len(files) > 1:
-            raise ValueError(f"{root} holds {len(files)} offline runs: {[str(f) for f in files]}")
-        if files:
+        if find_run_files(root):
             try:
-                run = read_offline_run(files[0])
+                run = read_run(root, run_id)
                 if run.exit_code is not None:
                     return run
-            except CorruptRunFile:
-                pass  # the last chunk is still being written
+            except (CorruptRunFile, FileNotFoundError):
+                pass  # the last chunk is still being written, or the run has not started yet
         if time.monotonic() > deadline:
             raise TimeoutError(f"no finished offline W&B run under {root} after {timeout_s} s")
         time.sleep(0.2)

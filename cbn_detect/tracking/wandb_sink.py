@@ -11,6 +11,15 @@ a hang:
 - ``offline`` that cannot start (unwritable directory, broken install) falls back to no W&B.
 - A call that fails during training (the W&B service died) disables the sink with one warning.
 
+One job is one W&B run, also across a requeue or a rerun into the same directory: the run id is kept
+in ``<run_dir>/wandb/run_id`` and passed to ``wandb.init(id=..., resume="allow")`` when the job
+resumes from its checkpoint, so online the resumed part continues the same run. Offline, W&B 0.31
+ignores ``resume`` (``run.resumed`` is False) and writes each process's part into a folder of its
+own, ``offline-run-<time>-<id>`` (``-<id>-1`` within the same second), every part under the same
+id, which ``wandb sync`` uploads to (not checked here: that needs a server);
+``wandb_reader.wait_for_run`` reads the parts back as one run. A job that starts over (no
+checkpoint, ``train.resume=never``) gets a new id: its steps would collide with the first attempt's.
+
 W&B never prompts: without an API key, ``wandb.init`` on a terminal asks for one and waits forever
 (e.g. inside ``srun --pty``), so online mode first looks for credentials with ``prompt=False``.
 ``init_timeout`` bounds the server handshake and ``finish_timeout`` the final upload.
@@ -18,29 +27,67 @@ W&B never prompts: without an API key, ``wandb.init`` on a terminal asks for one
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
+import secrets
+import signal
+import string
+import sys
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import wandb
 
+from cbn_detect.runtime import io
+from cbn_detect.runtime.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MODES = ("online", "offline", "disabled")
+
+RUN_ID_FILE = Path("wandb") / "run_id"
+"""Where a run directory keeps its W&B run id (relative to the run directory)."""
 
 _online_failed = False
 """Set when online init failed in this process, so the next job does not wait for it again."""
 
 
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+"""The signals a scheduler sends before it ends a job (those the training loop checkpoints on)."""
+
+
 class WandbSink:
-    """One W&B run: per-step metrics at our global step, the final numbers in the run summary."""
+    """One W&B run: per-step metrics at our global step, the final numbers in the run summary.
+
+    A job that SLURM requeues (submitit's handler of SIGUSR2 calls ``scontrol requeue``) is killed
+    with all its processes at once, W&B's service among them, which writes its log only every 15 s
+    and holds the last step's row until the next step: the part before the requeue would be lost.
+    So where such a handler is installed (a callable, not the default action) for ``SIGNALS``, the
+    sink finishes its run first, then calls it (the training loop calls it after its checkpoint).
+    """
 
     def __init__(self, run: Any) -> None:
         self.run = run
         self._broken = False
         self._closed = False
+        self._handed_on: dict[int, tuple[Any, Any]] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNALS:
+                previous = signal.getsignal(signum)
+                if callable(previous):
+                    handler = functools.partial(self._finish_then, previous)
+                    signal.signal(signum, handler)
+                    self._handed_on[signum] = (previous, handler)
+
+    def _finish_then(self, previous: Callable[[int, Any], Any], signum: int, frame: Any) -> None:
+        if not self._closed:
+            log.info("W&B: finishing run %s before %s is handled", self.run.id, signal.Signals(signum).name)
+            self.close(128 + signum)
+        previous(signum, frame)
 
     @property
     def mode(self) -> str:
@@ -73,11 +120,34 @@ class WandbSink:
         """Make the run's summary the final numbers (not the last logged step's), flattened for W&B's table."""
         self._guard(lambda: self.run.summary.update(flatten(results)), "summary")
 
-    def close(self, exit_code: int = 0) -> None:
-        """Finish the run (also after a failed call: what was logged gets written); later calls do nothing."""
+    def close(self, exit_code: int | None = None) -> None:
+        """Finish the run (also after a failed call: what was logged gets written); later calls do nothing.
+
+        Without ``exit_code``, the run's is that of the exception propagating through the caller, if
+        any (``run()`` closes its sinks in a ``finally``): 128 + signum for an interrupt (an exception
+        with a ``signum``, as ``TrainingInterrupted``), 1 for any other, 0 without one. W&B shows a
+        run with a non-zero exit code as crashed until a resumed part finishes it.
+        """
+        if exit_code is None:
+            exit_code = _exit_code(sys.exc_info()[1])
         self._broken = False
         self._guard(lambda: self.run.finish(exit_code=exit_code), "finish")
         self._closed = True
+        if threading.current_thread() is threading.main_thread():
+            for signum, (previous, handler) in self._handed_on.items():
+                if signal.getsignal(signum) is handler:
+                    signal.signal(signum, previous)
+        self._handed_on.clear()
+
+
+def _exit_code(err: BaseException | None) -> int:
+    if err is None:
+        return 0
+    if isinstance(getattr(err, "signum", None), int):
+        return 128 + err.signum
+    if isinstance(err, SystemExit):
+        return err.code if isinstance(err.code, int) else 1
+    return 1
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -103,11 +173,29 @@ def _settings(wandb_cfg: Mapping[str, Any]) -> wandb.Settings:
     return wandb.Settings(init_timeout=timeout, finish_timeout=max(timeout, 60.0), quiet=True)
 
 
-def _init(mode: str, wandb_cfg: Mapping[str, Any], run_config: dict, name: str, group: str | None, run_dir: Path) -> Any:
+def run_id(run_dir: Path, resume: bool) -> str:
+    """The W&B run id of the job in ``run_dir``: the kept one when the job resumes, else a new one
+    (8 characters of [a-z0-9], as W&B's own), kept for the next resume."""
+    path = Path(run_dir) / RUN_ID_FILE
+    if resume and path.exists():
+        kept = path.read_text(encoding="utf-8").strip()
+        if kept:
+            return kept
+    new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    io.write_text(path, new + "\n")
+    return new
+
+
+def _init(
+    mode: str, wandb_cfg: Mapping[str, Any], run_config: dict, name: str, group: str | None, run_dir: Path,
+    wandb_id: str,
+) -> Any:
     if mode == "online" and not wandb.login(prompt=False, verify=False):
         raise wandb.errors.UsageError("no API key found (WANDB_API_KEY, ~/.netrc)")
     run = wandb.init(
         mode=mode,
+        id=wandb_id,
+        resume="allow",
         project=wandb_cfg.get("project"),
         entity=wandb_cfg.get("entity"),
         group=group,
@@ -123,29 +211,39 @@ def _init(mode: str, wandb_cfg: Mapping[str, Any], run_config: dict, name: str, 
 
 
 def build_wandb_sink(
-    wandb_cfg: Mapping[str, Any], run_config: dict, name: str, group: str | None, run_dir: Path
+    wandb_cfg: Mapping[str, Any], run_config: dict, name: str, group: str | None, run_dir: Path, resume: bool = False
 ) -> WandbSink | None:
     """A sink for the run in ``run_dir`` (W&B files go to ``run_dir/wandb``), or None for no W&B.
 
     ``wandb_cfg`` is the config's ``wandb`` node; its ``group`` wins over ``group`` (the sweep).
+    ``resume``: the job continues from a checkpoint, so it continues the W&B run kept in ``run_dir``.
     """
     global _online_failed
     mode = str(wandb_cfg.get("mode", "offline"))
     if mode not in MODES:
-        raise ValueError(f"wandb.mode={mode} is not one of {', '.join(MODES)}")
+        raise ConfigError(f"wandb.mode={mode} is not one of {', '.join(MODES)}")
     if mode == "disabled":
         return None
     group = wandb_cfg.get("group") or group
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        identity = run_id(run_dir, resume)
+    except OSError as err:
+        log.warning("cannot keep the W&B run id in %s (%s); this run goes on without W&B", run_dir / RUN_ID_FILE, err)
+        return None
     if mode == "online" and _online_failed:
         log.info("W&B online failed earlier in this process; logging %s offline", name)
         mode = "offline"
     if mode == "online":
         try:
-            return WandbSink(_init("online", wandb_cfg, run_config, name, group, run_dir))
+            return WandbSink(_init("online", wandb_cfg, run_config, name, group, run_dir, identity))
         except Exception as err:  # noqa: BLE001 - see the module docstring
             _online_failed = True
+            with contextlib.suppress(Exception):
+                # W&B's service keeps the failed run's id "in use" in this process, which would make
+                # the offline run of the same id fail too; a fresh service forgets it.
+                wandb.teardown()
             log.warning(
                 "W&B online could not start (%s: %s). Logging offline instead; upload later with "
                 "`wandb sync %s/wandb/offline-run-*`. To log online, set WANDB_API_KEY (or run "
@@ -155,7 +253,7 @@ def build_wandb_sink(
             )
             mode = "offline"
     try:
-        return WandbSink(_init(mode, wandb_cfg, run_config, name, group, run_dir))
+        return WandbSink(_init(mode, wandb_cfg, run_config, name, group, run_dir, identity))
     except Exception as err:  # noqa: BLE001 - see the module docstring
         log.warning(
             "W&B offline could not start (%s: %s); this run goes on without W&B "

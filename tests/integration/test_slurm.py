@@ -1,5 +1,6 @@
 """Sweeps through Hydra's submitit launcher on a real single-node SLURM cluster: one job per grid
-point, and a job that SLURM warns of its time limit is requeued and resumes from its checkpoint.
+point, a job that SLURM warns of its time limit is requeued and resumes from its checkpoint, and a
+job of two SLURM tasks trains as one DDP world (and resumes as one after a requeue).
 
 The cluster is brought up by ``slurm_local.sh`` for the session and stopped afterwards, also when a
 test fails. Skipped only where SLURM is not installed (CI installs ``slurm-wlm munge`` when apt is
@@ -13,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from cbn_detect.tracking.wandb_reader import wait_for_run
 from tests.conftest import REPO, TINY_RUN
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,10 @@ def _jobcomp(env: dict[str, str]) -> list[str]:
 
 def _squeue(env: dict[str, str], job: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True, text=True).stdout.strip()
+
+
+def _show_job(env: dict[str, str], job: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True, check=True).stdout
 
 
 def _wait(what: str, seconds: float, ready: Callable[[], bool]) -> None:
@@ -159,9 +166,59 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm_env: dict[str, st
     logs = "".join(f.read_text() for f in (sweep / ".submitit" / task).glob("*_log.*"))
     assert "Caught signal SIGUSR2" in logs and "Calling checkpoint method" in logs
     assert "resumed from" in (job_dir / "train.log").read_text()
-    shown = subprocess.run(["scontrol", "show", "job", task], env=slurm_env, capture_output=True, text=True, check=True).stdout
-    assert "Restarts=1" in shown and "JobState=COMPLETED" in shown
+    _wait("the job to complete", 60, lambda: "JobState=COMPLETED" in _show_job(slurm_env, task))
+    assert "Restarts=1" in _show_job(slurm_env, task)
     results = json.loads((job_dir / "results.json").read_text())
     assert results["status"] == "completed" and results["steps"] == 6 * 4 and results["epochs"] == 6
     steps = [json.loads(line)["step"] for line in (job_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == list(range(1, 25))
+
+
+def test_a_ddp_job_over_two_slurm_tasks_is_requeued_and_resumes(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    """Two SLURM tasks of one job form one gloo DDP world (SyncBN across them); requeued by SLURM's
+    time-limit warning, both tasks resume from their own checkpoints of the same step."""
+    sweep = tmp_path / "sweep"
+    job_dir = sweep / "retinanet_tiny" / "syncbn" / "batch_4" / "seed_0"
+    epochs = 10
+    sweep_proc = subprocess.Popen(
+        [sys.executable, "-m", "cbn_detect.train", "-m", "norm=syncbn", f"hydra.sweep.dir={sweep}", *SMALL_JOBS,
+         "hydra.launcher.tasks_per_node=2", *TINY_RUN, f"train.epochs={epochs}", "eval.coco=false"],
+        cwd=tmp_path, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        _wait("the first checkpoint", 240, lambda: (job_dir / "checkpoints" / "last.pt").exists())
+        (task,) = [p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
+        subprocess.run(["scancel", "--signal=USR2", task], env=slurm_env, check=True)
+        _wait("the requeue", 90, lambda: "BeginTime" in _squeue(slurm_env, task))
+        subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], env=slurm_env, check=True)
+        output, _ = sweep_proc.communicate(timeout=400)
+    finally:
+        sweep_proc.kill()
+    assert sweep_proc.returncode == 0, output[-3000:]
+
+    batch_script = (sweep / ".submitit" / task / f"{task}_submission.sh").read_text()
+    assert "#SBATCH --ntasks-per-node=2" in batch_script and "#SBATCH --cpus-per-task=1" in batch_script
+    logs = "".join(f.read_text() for f in (sweep / ".submitit" / task).glob("*_log.*"))
+    assert "Caught signal SIGUSR2" in logs and "Calling checkpoint method" in logs
+    assert "resumed from" in (job_dir / "train.log").read_text()
+    # The sweep has its result as soon as rank 0 wrote it; the job ends once both tasks have exited.
+    _wait("the job to complete", 60, lambda: "JobState=COMPLETED" in _show_job(slurm_env, task))
+    shown = _show_job(slurm_env, task)
+    assert "Restarts=1" in shown and "NumTasks=2" in shown, shown
+
+    results = json.loads((job_dir / "results.json").read_text())
+    assert results["status"] == "completed" and results["norm"] == "syncbn"
+    assert (results["world_size"], results["batch"], results["total_batch"]) == (2, 4, 8)
+    assert results["steps"] == epochs * 16 // 8 and results["epochs"] == epochs  # 16 images, 8 per step
+    assert (job_dir / "checkpoints" / "last.rank1.pt").exists()  # each process resumed its own
+    steps = [json.loads(line)["step"] for line in (job_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == list(range(1, results["steps"] + 1))
+    assert not (job_dir / "job.lock").exists()
+
+    # W&B: the part before the requeue was finished before submitit's handler ended the process,
+    # and the resumed part continues the same run id; together they hold every step once.
+    kept_id = (job_dir / "wandb" / "run_id").read_text().strip()
+    run = wait_for_run(job_dir / "wandb")
+    assert run.run_id == kept_id and len(run.files) == 2 and run.exit_code == 0
+    assert run.part_exit_codes[0] == 128 + signal.SIGUSR2
+    assert [row["_step"] for row in run.history if "loss" in row] == steps
