@@ -39,9 +39,17 @@ def test_train_row_compares_ours_with_torchvision(capsys):
         capsys.readouterr().out, ["model", "params_M", "step_ms", "images_per_s", "ratio_to_torchvision"]
     )
     assert header[0].startswith("# train: RetinaNet resnet10w16-FPN64 from scratch, batch 2 x 64px, fp32")
-    assert [r[0] for r in rows] == ["torchvision", "ours"]
+    assert [r[0] for r in rows] == ["torchvision", "ours", "ours_tv_norms"]
     assert rows[0][4] == "1.00"
+    assert rows[2][1] == rows[0][1]  # torchvision's network: the same parameters
     assert notes == [train_bench.CAVEAT]
+
+
+def test_train_row_runs_at_the_thread_count_asked_and_restores_it(capsys):
+    threads = torch.get_num_threads()
+    assert train_bench.run(["--tiny", "--iters", "1", "--warmup", "0", "--threads", "2"]) == 0
+    assert ", 2 CPU threads," in capsys.readouterr().out.splitlines()[0]
+    assert torch.get_num_threads() == threads
 
 
 def test_tiny_torchvision_model_differs_from_ours_only_outside_the_trunk():
@@ -55,6 +63,21 @@ def test_tiny_torchvision_model_differs_from_ours_only_outside_the_trunk():
 
     assert norms(theirs, "backbone.fpn") == norms(theirs, "head") == 0
     assert norms(ours, "backbone.fpn") > 0 and norms(ours, "head") > 0
+
+
+@pytest.mark.parametrize("arch", [train_bench.TINY_ARCH, train_bench.R50], ids=lambda a: a.name)
+def test_ours_with_torchvisions_norms_has_torchvisions_parameters(arch):
+    """The ours_tv_norms row: norms in the trunk only, conv biases where ours has norms."""
+    ours = train_bench.ours_retinanet(arch, 64, where=("backbone",))
+    theirs = train_bench.torchvision_retinanet(arch, 64)
+
+    def shapes(model: nn.Module, prefix: str = "") -> list[tuple[int, ...]]:
+        return sorted(tuple(p.shape) for n, p in model.named_parameters() if n.startswith(prefix))
+
+    assert shapes(ours) == shapes(theirs)
+    for part in ("backbone.fpn", "head"):
+        assert shapes(ours, part) == shapes(theirs, part)
+        assert not any(isinstance(m, nn.BatchNorm2d) for n, m in ours.named_modules() if n.startswith(part))
 
 
 def test_infer_row_times_both_paths_and_checks_detections(capsys):

@@ -1,10 +1,12 @@
 """RetinaNet from scratch: torchvision's detector with a per-level-norm head.
 
-Anchors, box coding, matching, focal loss and NMS post-processing are torchvision's. What is ours
-is the head tower: torchvision shares each head convolution *and its norm* across FPN levels, so a
-BatchNorm there mixes statistics of 5 very different feature maps. Here the convolutions stay
-shared but each level gets its own norm (statistics, running buffers, CBN history), as detectron2
-does for BN heads. Each tower declares which conv produces which norm's input
+Anchors and box coding are torchvision's; matching, the focal and box losses and the NMS
+post-processing follow torchvision's rules but run batch-wide (``retinanet_batched``: the same
+numbers without a Python loop over images). What is ours in the network is the head tower:
+torchvision shares each head convolution *and its norm* across FPN levels, so a BatchNorm there
+mixes statistics of 5 very different feature maps. Here the convolutions stay shared but each
+level gets its own norm (statistics, running buffers, CBN history), as detectron2 does for BN
+heads. Each tower declares which conv produces which norm's input
 (``norm_producers``), which is what CBN needs to compensate its history.
 """
 
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import (
     RetinaNet,
@@ -22,7 +25,9 @@ from torchvision.models.detection.retinanet import (
     RetinaNetRegressionHead,
 )
 
+from cbn_detect.models import retinanet_batched as batched
 from cbn_detect.models.backbone import resnet_fpn_backbone
+from cbn_detect.runtime.errors import ConfigError
 
 
 class PerLevelNormTower(nn.Module):
@@ -102,9 +107,17 @@ class RegressionHead(RetinaNetRegressionHead):
 
 
 class RetinaNetDetector(RetinaNet):
-    """torchvision's RetinaNet, declaring where its layers belong (module-path prefix -> name, the
-    longest matching prefix wins): ``norm_regions`` for ``convert_norm(where=...)`` and
-    ``parameter_groups`` for the training diagnostics."""
+    """torchvision's RetinaNet with batch-wide anchor matching, losses and post-processing.
+
+    ``compute_loss`` and ``postprocess_detections`` keep torchvision's signatures and results
+    (losses to float rounding, detections identical) but work on the whole batch at once; see
+    ``retinanet_batched``. A matcher, head or box loss other than torchvision's own falls back
+    to torchvision's per-image code, whose rules the batched path could not know.
+
+    The class also declares where its layers belong (module-path prefix -> name, the longest
+    matching prefix wins): ``norm_regions`` for ``convert_norm(where=...)`` and
+    ``parameter_groups`` for the training diagnostics.
+    """
 
     norm_regions = {"backbone.fpn": "fpn", "backbone": "backbone", "head": "head"}
     parameter_groups = {
@@ -114,6 +127,67 @@ class RetinaNetDetector(RetinaNet):
         "head.classification_head": "head.classification_head",
         "head.regression_head": "head.regression_head",
     }
+
+    def _batched_loss_applies(self) -> bool:
+        cls_head, reg_head = self.head.classification_head, self.head.regression_head
+        return (
+            type(self.proposal_matcher) is Matcher
+            and type(self.head).compute_loss is RetinaNetHead.compute_loss
+            and type(cls_head).compute_loss is RetinaNetClassificationHead.compute_loss
+            and type(reg_head).compute_loss is RetinaNetRegressionHead.compute_loss
+            and reg_head._loss_type in ("l1", "smooth_l1")
+        )
+
+    def compute_loss(
+        self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor]
+    ) -> dict[str, Tensor]:
+        """torchvision's losses: the focal loss and the box loss, each summed per image, divided by
+        that image's foreground anchors and averaged over images."""
+        if not self._batched_loss_applies():
+            return super().compute_loss(targets, head_outputs, anchors)
+        cls_logits, bbox_regression = head_outputs["cls_logits"], head_outputs["bbox_regression"]
+        anchors_t = torch.stack(anchors)  # (N, A, 4)
+        gt_boxes, gt_labels, gt_valid = batched.pad_targets(targets, anchors_t.device)
+        matcher = self.proposal_matcher
+        matched = batched.assign(
+            gt_boxes, gt_valid, anchors_t, matcher.high_threshold, matcher.low_threshold,
+            matcher.allow_low_quality_matches,
+        )
+        cls_head, reg_head = self.head.classification_head, self.head.regression_head
+        return {
+            "classification": batched.classification_loss(
+                cls_logits, gt_labels, matched, cls_head.BETWEEN_THRESHOLDS
+            ),
+            "bbox_regression": batched.regression_loss(
+                bbox_regression, anchors_t, gt_boxes, matched, reg_head.box_coder, reg_head._loss_type
+            ),
+        }
+
+    def postprocess_detections(
+        self,
+        head_outputs: dict[str, list[Tensor]],
+        anchors: list[list[Tensor]],
+        image_shapes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """torchvision's detections (score threshold, per-level top-k, decoding, clipping,
+        class-aware NMS, ``detections_per_img``), computed for the batch at once."""
+
+        def torchvision_on(i: int) -> dict[str, Tensor]:
+            one = {key: [level[i : i + 1] for level in value] for key, value in head_outputs.items()}
+            return super(RetinaNetDetector, self).postprocess_detections(one, [anchors[i]], [image_shapes[i]])[0]
+
+        return batched.postprocess(
+            head_outputs["cls_logits"],
+            head_outputs["bbox_regression"],
+            anchors,
+            image_shapes,
+            self.box_coder,
+            self.score_thresh,
+            self.topk_candidates,
+            self.nms_thresh,
+            self.detections_per_img,
+            torchvision_on,
+        )
 
 
 def anchor_generator(sizes: Sequence[int], octave_scales: int = 3) -> AnchorGenerator:
@@ -149,7 +223,7 @@ def build_retinanet(
     backbone = resnet_fpn_backbone(depth, base_width, fpn_channels, list(returned_stages), extra_levels)
     num_levels = len(returned_stages) + (2 if extra_levels == "p6p7" else 0)
     if len(anchor_sizes) != num_levels:
-        raise ValueError(
+        raise ConfigError(
             f"model.anchor_sizes has {len(anchor_sizes)} entries but the FPN has {num_levels} levels "
             f"(returned_stages={list(returned_stages)}, extra_levels={extra_levels!r})"
         )
