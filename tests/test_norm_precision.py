@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cbn_detect.norm import BatchRenorm2d, convert_norm, norm_diagnostics
-from cbn_detect.norm.cbn_math import TaylorInputs, cbn_window_forward, conv_geometry, sq_weight_grad
+from cbn_detect.norm.cbn_math import TaylorInputs, cbn_window_forward, conv_geometry, sq_weight_grad, taylor_products
 from cbn_detect.norm.dtypes import statistics_dtype
 
 F64 = torch.float64
@@ -56,7 +56,9 @@ def test_cbn_window_forward_gradcheck_with_taylor_compensation():
     hist_sq = hist_mean.square() + 1.0 + rand(slots, c).abs()  # stored variances in [1, ~3]
     w_now = rand(c, cin, 3, 3)
     hist_weight = w_now - 0.01 * rand(slots, c, cin, 3, 3)  # the conv moved since: non-zero Taylor term
-    taylor = TaylorInputs(w_now, hist_weight, rand(slots, cin, 3, 3), rand(slots, c, cin, 3, 3), 1)
+    patch, dsq = rand(slots, cin, 3, 3), rand(slots, c, cin, 3, 3)
+    offset = torch.stack([taylor_products(hist_weight[s], patch[s : s + 1], dsq[s : s + 1], 1)[0] for s in range(slots)])
+    taylor = TaylorInputs(w_now, patch, dsq, offset, 1)
     valid = torch.tensor([True, True, False])
 
     def out(y, weight, bias):
@@ -221,3 +223,40 @@ def test_fp16_autocast_stem_at_detection_size_stores_finite_derivatives():
     with torch.no_grad():
         exact = sq_weight_grad(x, conv(x), conv_geometry(conv))
     torch.testing.assert_close(history["dsq"][0], exact, rtol=0, atol=1e-2 * exact.abs().max().item())
+
+
+def test_cbn_history_holds_no_weight_copies():
+    """Per slot a CBN layer keeps one weight-shaped tensor (d E[y^2]/dW), the per-input-channel
+    patch mean and a few per-channel numbers: no copy of the conv's weight (issue 16)."""
+    window, cin, cout = 4, 16, 32
+    model = convert_norm(conv_bn(cin, cout), "cbn", window=window, burnin=0)
+    model(torch.randn(2, cin, 8, 8))
+    norm = model[1]
+    weight = model[0].weight
+    per_slot = weight.numel() + cin * 9 + 8 * cout  # dsq + patch + at most 8 statistic rows
+    assert norm.history_bytes() <= (window - 1) * per_slot * 4
+    assert norm.history_bytes() < 2 * (window - 1) * weight.numel() * 4  # a weight copy would double it
+    assert "weight" not in norm.get_extra_state()["history"]
+
+
+def test_subtraction_form_of_taylor_term_loses_about_one_digit_in_fp32():
+    """``W_t.g - W_s.g`` (what the stored per-channel offsets allow) against ``(W_t - W_s).g`` in
+    fp64, for a conv that moved by 1e-3 of its weights. Measured: the fp32 error is ~5e-8 of
+    sum |W| |g| (a few roundings of the large products, as cbn_math's docstring states), and the
+    median relative error of the term is ~2e-4, against ~3e-5 for the difference form that needs
+    the weight copies: about one digit lost, three to four kept. The bounds leave 5-20x margin."""
+    g = torch.Generator().manual_seed(0)
+    c, cin = 64, 64
+    w_s = torch.randn(c, cin, 3, 3, generator=g, dtype=F64)
+    w_t = w_s + 1e-3 * torch.randn(c, cin, 3, 3, generator=g, dtype=F64)
+    patch = torch.randn(1, cin, 3, 3, generator=g, dtype=F64).abs() + 0.5  # post-ReLU means: one sign
+    dsq = torch.randn(1, c, cin, 3, 3, generator=g, dtype=F64).abs() + 0.5
+    exact = taylor_products(w_t - w_s, patch, dsq, 1)[0]  # (2, C)
+    magnitude = taylor_products(w_t.abs(), patch, dsq, 1)[0]  # sum |W| |g|: the products' size
+    f32 = [t.float() for t in (w_t, w_s, patch, dsq)]
+    sub = taylor_products(f32[0], f32[2], f32[3], 1)[0] - taylor_products(f32[1], f32[2], f32[3], 1)[0]
+    diff = taylor_products(f32[0] - f32[1], f32[2], f32[3], 1)[0]
+    error = (sub.double() - exact).abs()
+    assert (error / magnitude).max() < 1e-6
+    assert (error / exact.abs()).median() < 2e-3
+    assert ((diff.double() - exact).abs() / exact.abs()).median() < 2e-4  # the reference form, for scale

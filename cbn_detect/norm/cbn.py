@@ -23,6 +23,7 @@ from cbn_detect.norm.cbn_math import (
     conv_geometry,
     mean_input_patch,
     sq_weight_grad,
+    taylor_products,
 )
 from cbn_detect.norm.dtypes import statistics_dtype
 from cbn_detect.norm.producer import ProducerLink
@@ -31,6 +32,9 @@ from cbn_detect.runtime.errors import ConfigError
 log = logging.getLogger(__name__)
 
 FUSED_CHOICES = ("auto", "on", "off")
+# Rows of the per-slot statistics: the stored mean and E[y^2] and, for the Taylor compensation,
+# W_s . (d mean / dW) and W_s . (d E[y^2] / dW) under the weight W_s the entry was stored with.
+STAT_ROWS = ("mean", "sq", "wpatch", "wdsq")
 
 
 class WindowDiag(NamedTuple):
@@ -128,20 +132,21 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self.num_steps = 0  # training forwards seen, burn-in included
         self._count = 0  # valid history slots, always the first ones
         self._next = 0  # slot the next entry goes to
-        slots = self.window - 1
-        self._history: dict[str, Tensor] = {
-            "mean": torch.zeros(slots, num_features),
-            "sq": torch.zeros(slots, num_features),
-        }
+        self._history: dict[str, Tensor] = {"stats": torch.zeros(self.window - 1, self._stat_rows, num_features)}
         self._link: ProducerLink | None = None
         self._geom: ConvGeometry | None = None
         self._valid_rows: Tensor | None = None
+        self._scratch: Tensor | None = None  # where the Taylor contraction writes, reused every step
         self.last_window: WindowDiag | None = None
 
     @property
     def needs_producer(self) -> bool:
         """Only the Taylor compensation needs the conv; naive CBN and window 1 do not."""
         return self.rho != 0 and self.window > 1
+
+    @property
+    def _stat_rows(self) -> int:
+        return len(STAT_ROWS) if self.needs_producer else 2
 
     def attach(self, link: ProducerLink, layer_name: str) -> None:
         """Wire this layer to the conv it normalizes and preallocate the history for its shape."""
@@ -156,12 +161,12 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self.layer_name = layer_name
         slots, kh, kw = self.window - 1, *conv.kernel_size
         like = {"device": conv.weight.device, "dtype": statistics_dtype(conv.weight.dtype)}
+        # Per slot: the statistics rows (STAT_ROWS), the mean input patch (per input channel) and
+        # d E[y^2] / dW: one weight-shaped tensor, the only large one (no copy of the weight).
         self._history = {
-            "mean": torch.zeros(slots, self.num_features, **like),
-            "sq": torch.zeros(slots, self.num_features, **like),
+            "stats": torch.zeros(slots, self._stat_rows, self.num_features, **like),
             "patch": torch.zeros(slots, conv.in_channels, kh, kw, **like),
             "dsq": torch.zeros(slots, *conv.weight.shape, **like),
-            "weight": torch.zeros(slots, *conv.weight.shape, **like),
         }
 
     def forward(self, x: Tensor) -> Tensor:
@@ -188,54 +193,55 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
     def _window_step(self, x: Tensor, conv_input: Tensor | None) -> Tensor:
         history = self._history_on(x.device, statistics_dtype(x.dtype))
         valid = history["valid_rows"][self._count]  # a view: no kernel launch
+        stats = history["stats"]
         taylor = None
         if self.needs_producer:
             taylor = TaylorInputs(
-                self._link.conv.weight.detach(), history["weight"], history["patch"],
-                history["dsq"], self._geom.groups,
+                self._link.conv.weight.detach(), history["patch"], history["dsq"], stats[:, 2:], self._geom.groups,
+                history["scratch"],
             )
-        args = (x, self.weight, self.bias, self.eps, self.rho, history["mean"], history["sq"], valid, taylor)
-        # Autocast would run the Taylor contraction (einsum -> bmm) in bf16; statistics stay in the
-        # statistics dtype.
-        with torch.autocast(x.device.type, enabled=False):
+        running = (self.running_mean, self.running_var, self.momentum)
+        args = (x, self.weight, self.bias, self.eps, self.rho, stats[:, 0], stats[:, 1], valid, taylor, running, self._count)
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast would run the Taylor contraction (bmm) in bf16; statistics stay in the
+            # statistics dtype.
+            with torch.autocast(x.device.type, enabled=False):
+                res = self._run_window_forward(args, x.is_cuda)
+        else:
             res = self._run_window_forward(args, x.is_cuda)
         with torch.no_grad():
-            self._update_running_stats(res, x)
+            self.num_batches_tracked.add_(1)
             if self.window > 1:
                 self._push(res, x, conv_input)
         self.last_window = WindowDiag(res.count, valid, res.keep, res.comp_mean, res.delta_mean)
         return res.out
 
     def _run_window_forward(self, args: tuple, on_cuda: bool) -> WindowResult:
+        # The compiled graph does not take ``filled`` (the last argument): one graph for every fill
+        # level, which the valid mask expresses.
         if self.fused == "on":
-            return _compiled_window_forward()(*args)
+            return _compiled_window_forward()(*args[:-1])
         if self.fused == "auto" and on_cuda and _FusedPath.usable:
             try:
-                return _compiled_window_forward()(*args)
+                return _compiled_window_forward()(*args[:-1])
             except Exception as err:  # noqa: BLE001 - any compiler failure; real errors recur below
                 _FusedPath.disable(err)
         return cbn_window_forward(*args)
 
-    def _update_running_stats(self, res: WindowResult, x: Tensor) -> None:
-        """EMA of the current batch alone, with the unbiased variance, exactly as BatchNorm2d.
-
-        The buffers keep their own dtype (the model's): a bf16/fp16 model's fp32 statistics are
-        rounded into them instead of failing in ``lerp_``."""
-        m = x.numel() // x.shape[1]
-        dtype = self.running_mean.dtype
-        self.running_mean.lerp_(res.cur_mean.to(dtype), self.momentum)
-        self.running_var.lerp_((res.cur_var * (m / max(m - 1, 1))).to(dtype), self.momentum)
-        self.num_batches_tracked.add_(1)
-
     def _push(self, res: WindowResult, y: Tensor, conv_input: Tensor | None) -> None:
-        """Write this step's entry in place (``out=``): no allocation, one kernel per field."""
+        """Write this step's entry in place (``out=``): no copy of the weight, one kernel per field
+        (the derivative is written by the multiply that scales it)."""
         slot, history = self._next, self._history
-        history["mean"][slot] = res.cur_mean
-        torch.addcmul(res.cur_var, res.cur_mean, res.cur_mean, out=history["sq"][slot])
+        stats = history["stats"][slot]
+        stats[0].copy_(res.cur_mean)
+        torch.addcmul(res.cur_var, res.cur_mean, res.cur_mean, out=stats[1])
         if self.needs_producer:
             mean_input_patch(conv_input, self._geom, tuple(y.shape[-2:]), out=history["patch"][slot])
             sq_weight_grad(conv_input, y, self._geom, out=history["dsq"][slot])
-            history["weight"][slot] = self._link.conv.weight.detach()
+            taylor_products(
+                self._link.conv.weight.detach(), history["patch"][slot : slot + 1], history["dsq"][slot : slot + 1],
+                self._geom.groups, out=stats[2:],
+            )
         self._next = (slot + 1) % (self.window - 1)
         self._count = min(self._count + 1, self.window - 1)
 
@@ -263,38 +269,72 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         """The history on ``device`` in ``dtype``, plus ``valid_rows[n]``: the slot mask when n
         slots are full."""
         # The history is not a buffer (see class docstring), so Module.to() does not move it.
-        current = self._history["mean"]
+        current = self._history["stats"]
         if current.device != device or current.dtype != dtype:
             self._history = {k: v.to(device, dtype) for k, v in self._history.items()}
         if self._valid_rows is None or self._valid_rows.device != device:
             slots = torch.arange(self.window - 1, device=device)
             self._valid_rows = slots[None, :] < torch.arange(self.window, device=device)[:, None]
-        return {**self._history, "valid_rows": self._valid_rows}
+        current = self._history["stats"]
+        if self._scratch is None or self._scratch.device != device or self._scratch.dtype != dtype:
+            self._scratch = current.new_empty(2, self.num_features, self.window - 1)
+        return {**self._history, "valid_rows": self._valid_rows, "scratch": self._scratch}
+
+    def history_bytes(self) -> int:
+        """Memory held by the stored window (all slots, every field)."""
+        return sum(v.numel() * v.element_size() for v in self._history.values())
+
+    def _named_history(self) -> dict[str, Tensor]:
+        """The history as named fields (views): the statistics rows, then patch and dsq."""
+        stats = self._history["stats"]
+        named = {name: stats[:, i] for i, name in enumerate(STAT_ROWS[: stats.shape[1]])}
+        named.update((k, v) for k, v in self._history.items() if k != "stats")
+        return named
 
     def get_extra_state(self) -> dict:
         return {
             "num_steps": self.num_steps,
             "count": self._count,
             "next": self._next,
-            "history": {k: v.clone() for k, v in self._history.items()},
+            "history": {k: v.clone() for k, v in self._named_history().items()},
         }
 
     def set_extra_state(self, state: dict) -> None:
-        saved = state["history"]
-        mismatch = set(saved) != set(self._history) or any(
-            saved[k].shape != v.shape for k, v in self._history.items()
-        )
+        saved = dict(state["history"])
+        if "weight" in saved:
+            saved = self._convert_weight_copies(saved)
+        expected = self._named_history()
+        mismatch = set(saved) != set(expected) or any(saved[k].shape != v.shape for k, v in expected.items())
         if mismatch:
             raise ValueError(
                 f"CBN layer '{self.layer_name}': checkpoint history "
                 f"{ {k: tuple(v.shape) for k, v in saved.items()} } does not fit this layer "
-                f"{ {k: tuple(v.shape) for k, v in self._history.items()} } (different window or "
+                f"{ {k: tuple(v.shape) for k, v in expected.items()} } (different window or "
                 "conv, or a checkpoint saved before convert_norm)"
             )
         # The saved dtype is kept (a float64 run resumes in float64, not rounded through the fp32
         # history a freshly built layer holds); the device is this layer's.
-        self._history = {k: saved[k].to(v.device, copy=True) for k, v in self._history.items()}
+        device = self._history["stats"].device
+        rows = STAT_ROWS[: self._history["stats"].shape[1]]
+        history = {"stats": torch.stack([saved[k] for k in rows], dim=1).to(device)}
+        history.update((k, saved[k].to(device, copy=True)) for k in self._history if k != "stats")
+        self._history = history
         self.num_steps, self._count, self._next = state["num_steps"], state["count"], state["next"]
+
+    def _convert_weight_copies(self, saved: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A history saved before the weight copies were dropped (fields mean, sq, patch, dsq and
+        weight, a copy of the conv weight per slot) in today's layout: ``wpatch``/``wdsq`` are
+        the stored weight contracted with the stored derivatives, exactly what a new entry keeps."""
+        if self._geom is None or saved["weight"].shape[1:] != self._geom.weight_shape or "patch" not in saved:
+            return saved  # reported as a mismatch by the caller, with the shapes
+        weights = saved.pop("weight")
+        offsets = [
+            taylor_products(weights[s], saved["patch"][s : s + 1], saved["dsq"][s : s + 1], self._geom.groups)[0]
+            for s in range(weights.shape[0])
+        ]
+        offsets = torch.stack(offsets) if offsets else weights.new_zeros(0, 2, self.num_features)
+        log.info("CBN layer '%s': converted a checkpoint history with weight copies", self.layer_name)
+        return {**saved, "wpatch": offsets[:, 0], "wdsq": offsets[:, 1]}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, window={self.window}, burnin={self.burnin}, rho={self.rho}"

@@ -8,6 +8,15 @@ Shapes: ``y`` is the norm's input (N, C, H, W), i.e. the output of the producing
 is ``x`` and weight ``w`` (C, Cin/groups, kh, kw). History tensors carry a leading slot axis
 (window - 1 slots, ``valid`` marking the filled ones). Statistics, history and derivatives are in
 ``statistics_dtype(y.dtype)``: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 ones.
+
+The Taylor compensation of a stored statistic s (the mean or E[y^2] of a past batch, stored with
+its derivative g = ds/dW under the weight W_s of then) to the current weight W_t is
+``s + (W_t - W_s) . g = s + W_t . g - W_s . g``. The stored entry keeps ``W_s . g`` (one number per
+channel, computed when the entry is written) instead of a copy of W_s, so the history holds one
+weight-shaped tensor per slot (d E[y^2]/dW) and the contraction with W_t is one batched matmul over
+all slots. The price is a subtraction of two nearly equal numbers: the correction carries an
+absolute error of a few fp32 roundings of |W . g| (about |s|), instead of a few roundings of
+|(W_t - W_s) . g| (see tests/test_norm_precision.py for the measured digits).
 """
 
 from __future__ import annotations
@@ -33,13 +42,14 @@ class ConvGeometry(NamedTuple):
 
 
 class TaylorInputs(NamedTuple):
-    """What compensating the stored statistics to the current weight needs (see taylor_deltas)."""
+    """What compensating the stored statistics to the current weight needs (see taylor_products)."""
 
-    w_now: Tensor
-    hist_weight: Tensor
-    hist_patch: Tensor
-    hist_dsq: Tensor
+    w_now: Tensor  # (C, Cin/groups, kh, kw) the conv's current weight
+    hist_patch: Tensor  # (S, Cin, kh, kw) d mean / dW of each stored entry, per input channel
+    hist_dsq: Tensor  # (S, C, Cin/groups, kh, kw) d E[y^2] / dW of each stored entry
+    hist_offset: Tensor  # (S, 2, C) W_s . patch_s and W_s . dsq_s, W_s the weight when s was stored
     groups: int
+    scratch: Tensor | None = None  # optional (2, C, S) contiguous buffer for W_t . (patch, dsq)
 
 
 class WindowResult(NamedTuple):
@@ -88,8 +98,9 @@ def mean_input_patch(
 
     The patch seen at kernel offset (i, j) over all outputs is a strided crop of the zero-padded
     input, and crops along rows and columns are independent, so after summing the batch away the
-    whole patch costs kh + kw strided sums instead of an unfold or a weight-gradient convolution;
-    an unpadded 1x1 conv (most of a ResNet) needs a single strided mean.
+    whole patch is two strided window sums (``unfold``: one for the kh row offsets, one for the kw
+    column offsets) instead of an unfold of the input or a weight-gradient convolution; an unpadded
+    1x1 conv (most of a ResNet) needs a single strided mean.
     Returns (Cin, kh, kw) in ``out``'s dtype if given, else in the statistics dtype of x; for
     grouped convs, output channel c uses its group's Cin/groups rows.
     """
@@ -102,11 +113,13 @@ def mean_input_patch(
         crop = x[:, :, : sh * (ho - 1) + 1 : sh, : sw * (wo - 1) + 1 : sw]
         flat = None if out is None else out.view(-1)
         return torch.mean(crop, dim=(0, 2, 3), dtype=dtype, out=flat).view(-1, 1, 1)
-    xs = F.pad(x.sum(0, dtype=dtype), (pw, pw, ph, ph))  # (Cin, Hp, Wp)
-    rows = torch.stack([xs[:, i * dh : i * dh + sh * (ho - 1) + 1 : sh].sum(1) for i in range(kh)])
-    # rows: (kh, Cin, Wp); cols: (kw, kh, Cin)
-    cols = torch.stack([rows[..., j * dw : j * dw + sw * (wo - 1) + 1 : sw].sum(-1) for j in range(kw)])
-    return torch.div(cols.permute(2, 1, 0), x.shape[0] * ho * wo, out=out)
+    xs = x.sum(0, dtype=dtype)  # (Cin, H, W)
+    if ph or pw:
+        xs = F.pad(xs, (pw, pw, ph, ph))
+    # Window i of unfold(dim, size, step) starts at i * step: the kernel offsets i * dh, i < kh.
+    rows = xs.unfold(1, sh * (ho - 1) + 1, dh)[:, :kh, :, ::sh].sum(-1)  # (Cin, kh, Wp)
+    cols = rows.unfold(2, sw * (wo - 1) + 1, dw)[:, :, :kw, ::sw].sum(-1)  # (Cin, kh, kw)
+    return torch.div(cols, x.shape[0] * ho * wo, out=out)
 
 
 def sq_weight_grad(x: Tensor, y: Tensor, geom: ConvGeometry, out: Tensor | None = None) -> Tensor:
@@ -114,43 +127,149 @@ def sq_weight_grad(x: Tensor, y: Tensor, geom: ConvGeometry, out: Tensor | None 
 
     Computed in the conv's own compute dtype (fp16/bf16 under autocast, where x may still be fp32:
     the low-precision convolution is the fast one on GPU) and returned in the statistics dtype of y
-    (into ``out`` if given).
+    (into ``out`` if given, scaled on the way: no further copy).
     """
     m = y.shape[0] * y.shape[2] * y.shape[3]
-    # Both operands are scaled by sqrt(2/M) before the convolution, not the result by 2/M after it:
-    # unscaled, the convolution's output is a sum of x*y over M = N*H*W positions, M E[x y], which
-    # for a stem on 2 x 800 x 800 images (M = 320k) exceeds fp16's 65504 as soon as E[x y] > 0.2.
-    # Scaled, the output is 2 E[x y] itself, O(1)-O(1e4) for O(1)-O(100) activations, and each
-    # operand (sqrt(2/M), 1e-3 to 1e-2 at detection sizes, times an activation) stays in fp16's
-    # normal range (> 6e-5), so nothing overflows or flushes to zero; scaling costs one rounding.
-    scale = math.sqrt(2.0 / m)
-    with torch.no_grad():
-        grad = torch.nn.grad.conv2d_weight(
-            (x.detach() * scale).to(y.dtype), geom.weight_shape, y.detach() * scale,
-            geom.stride, geom.padding, geom.dilation, geom.groups,
-        )
+    x, y = x.detach(), y.detach()
+    if y.dtype == torch.float16:
+        # fp16 only (bf16, fp32 and fp64 share fp32's exponent range or more): both operands are
+        # scaled by sqrt(2/M) before the convolution, not the result by 2/M after it. Unscaled, the
+        # convolution's output is a sum of x*y over M = N*H*W positions, M E[x y], which for a stem
+        # on 2 x 800 x 800 images (M = 320k) exceeds fp16's 65504 as soon as E[x y] > 0.2. Scaled,
+        # the output is 2 E[x y] itself, O(1)-O(1e4) for O(1)-O(100) activations, and each operand
+        # (sqrt(2/M), 1e-3 to 1e-2 at detection sizes, times an activation) stays in fp16's normal
+        # range (> 6e-5), so nothing overflows or flushes to zero; scaling costs one rounding.
+        scale = math.sqrt(2.0 / m)
+        x, y, after = (x * scale).to(y.dtype), y * scale, 1.0
+    else:
+        x, after = x.to(y.dtype), 2.0 / m
+    placeholder = y.new_empty(1).expand(geom.weight_shape)
+    grad = torch.ops.aten.convolution_backward(
+        y, x, placeholder, None, geom.stride, geom.padding, geom.dilation, False, [0], geom.groups,
+        (False, True, False),
+    )[1]
     if out is None:
-        return grad.to(statistics_dtype(y.dtype))
-    return out.copy_(grad)
+        out = torch.empty(grad.shape, dtype=statistics_dtype(y.dtype), device=grad.device)
+    if grad.dtype == out.dtype:
+        return torch.mul(grad, after, out=out)
+    return out.copy_(grad).mul_(after)  # scaled in the statistics dtype, not rounded again in fp16/bf16
 
 
-def taylor_deltas(
-    w_now: Tensor, hist_weight: Tensor, hist_patch: Tensor, hist_dsq: Tensor, groups: int
-) -> tuple[Tensor, Tensor]:
-    """First-order change of the stored (mean, E[y^2]) when the weight moved from stored to now.
+def taylor_products(
+    w: Tensor, hist_patch: Tensor, hist_dsq: Tensor, groups: int, out: Tensor | None = None
+) -> Tensor:
+    """``W . patch_s`` and ``W . dsq_s`` for every stored slot s and channel, as an (S, 2, C) view
+    of ``out`` (contiguous (2, C, S); allocated if None; for one slot, an entry's (2, C) offsets).
 
-    The mean derivative is stored once per input channel (it is the same for every output channel
-    of a group), so its contraction goes group by group; the E[y^2] one is a plain dot product.
-    Returns two (n, C) tensors, in the history's dtype.
+    Two batched matmuls over all slots at once, reading the history in place and writing their
+    results in place: the mean derivative is stored once per input channel (it is the same for
+    every output channel of a group), so its contraction goes group by group; the E[y^2] one is a
+    row-wise dot product per channel.
     """
-    n, c = hist_weight.shape[:2]
-    dw = w_now.to(hist_weight.dtype).unsqueeze(0) - hist_weight  # (n, C, Cin_g, kh, kw)
-    k = dw[0, 0].numel()
-    delta_mean = torch.einsum(
-        "ngok,ngk->ngo", dw.reshape(n, groups, c // groups, k), hist_patch.reshape(n, groups, k)
-    ).reshape(n, c)
-    delta_sq = torch.linalg.vecdot(dw.reshape(n, c, k), hist_dsq.reshape(n, c, k))
-    return delta_mean, delta_sq
+    s, c = hist_dsq.shape[:2]
+    k = hist_dsq[0, 0].numel()
+    w = w.to(hist_dsq.dtype)
+    if out is None:
+        out = hist_dsq.new_empty(2, c, s)
+    out = out.view(2, c, s)
+    patch = hist_patch.reshape(s, groups, k).permute(1, 2, 0)  # (G, K, S)
+    dsq = hist_dsq.reshape(s, c, k).permute(1, 2, 0)  # (C, K, S)
+    torch.bmm(w.reshape(groups, c // groups, k), patch, out=out[0].view(groups, c // groups, s))
+    torch.bmm(w.reshape(c, 1, k), dsq, out=out[1].view(c, 1, s))
+    return out.permute(2, 0, 1)
+
+
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, momentum: float, cur_mean: Tensor, cur_var: Tensor, m: int
+) -> None:
+    """BatchNorm's EMA of the current batch alone, with the unbiased variance. The buffers keep
+    their own dtype (the model's): a bf16/fp16 model's fp32 statistics are rounded into them."""
+    dtype = running_mean.dtype
+    running_mean.lerp_(cur_mean.detach().to(dtype), momentum)
+    running_var.lerp_((cur_var.detach() * (m / max(m - 1, 1))).to(dtype), momentum)
+
+
+def window_moments(
+    cur_mean: Tensor, cur_var: Tensor, comp_mean: Tensor, comp_sq: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, var, count, keep) of the union of the current batch and the kept stored entries.
+
+    The variance of the union is formed as the mean over kept entries of ``var_s + (mean_s - mean)^2``,
+    which equals ``E[y^2] - mean^2`` of the averaged moments exactly but does not cancel
+    catastrophically when |mean| >> std (it also makes window 1 equal BN). The current batch is
+    always kept: its variance is non-negative by construction, so only round-off could flag it,
+    and dropping it would leave a channel with nothing to average.
+    """
+    comp_var = torch.addcmul(comp_sq, comp_mean, comp_mean, value=-1.0)
+    keep = (comp_var >= 0) & valid[:, None]
+    count = keep.sum(0, dtype=cur_mean.dtype) + 1.0
+    # where(), not a multiply by the mask: an empty or diverged slot may hold inf/NaN. Masked before
+    # it meets ``mean`` too: where()'s zero gradient times an infinite (comp_mean - mean) would
+    # still be NaN in the input gradient.
+    kept_mean = torch.where(keep, comp_mean, 0.0)
+    mean = (cur_mean + kept_mean.sum(0)) / count
+    spread = cur_var + (cur_mean - mean).square()
+    var = (spread + torch.where(keep, comp_var + (kept_mean - mean).square(), 0.0).sum(0)) / count
+    return mean, var, count, keep
+
+
+def _window_moments_all_kept(
+    cur_mean: Tensor, cur_var: Tensor, comp_mean: Tensor, comp_sq: Tensor, filled: int
+) -> tuple[Tensor, Tensor, float] | None:
+    """``window_moments`` when the first ``filled`` slots are the valid ones and the host may look
+    at the data (eager, CPU: no device to wait for): (mean, var, count) if every filled entry passes
+    the variance check (the usual case), with a scalar count and slices instead of masks (a third
+    of the small ops); None if one does not (or is not finite), for the masked form to decide."""
+    if filled == 0:
+        return cur_mean, cur_var, 1.0
+    cm, cs = comp_mean[:filled], comp_sq[:filled]
+    comp_var = torch.addcmul(cs, cm, cm, value=-1.0)
+    if not bool((comp_var >= 0).all()):
+        return None
+    count = filled + 1.0
+    mean = torch.add(cur_mean, cm.sum(0)).div_(count)
+    dev, cur_dev = cm - mean, cur_mean - mean
+    spread = torch.addcmul(comp_var, dev, dev).sum(0)
+    var = torch.addcmul(cur_var, cur_dev, cur_dev).add_(spread).div_(count)
+    return mean, var, count
+
+
+class _NormalizeWithWindow(torch.autograd.Function):
+    """``(y - mean) / sqrt(var + eps) * weight + bias`` with (mean, var) the window's moments, in one
+    native kernel forward and one (plus an in-place fix-up) backward.
+
+    The gradient is BatchNorm's with the batch sums shared by the ``count`` entries: mean and var
+    depend on y only through the current batch, d mean / d y_i = 1 / (count M) and
+    d var / d y_i = 2 (y_i - mean) / (count M), so
+    ``dL/dy = w r [g - sum(g) / (count M) - r^2 (y - mean) sum(g (y - mean)) / (count M)]``
+    (r = 1 / sqrt(var + eps)), which is BatchNorm's backward with weight ``w / count`` plus
+    ``(1 - 1 / count) w r g``. The weight and bias gradients are BatchNorm's.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, y: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, count: Tensor | float, eps: float
+    ) -> Tensor:
+        ctx.save_for_backward(y, weight, mean, var)
+        ctx.count, ctx.eps = count, eps  # count: (C,) or one number for all channels
+        return torch.native_batch_norm(y, weight, bias, mean, var, False, 0.0, eps)[0]
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        y, weight, mean, var = ctx.saved_tensors
+        count = ctx.count
+        invstd = torch.add(var, ctx.eps).rsqrt_()
+        alone = not isinstance(count, Tensor) and count == 1.0  # the current batch only: BatchNorm's gradient
+        share = count.reciprocal() if isinstance(count, Tensor) else 1.0 / count
+        need_y, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_y, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_out, y, weight if alone else weight * share, None, None, mean, invstd, True, ctx.eps,
+            [need_y, need_w, need_b],
+        )
+        if need_y and not alone:
+            rest = torch.mul(weight, invstd).mul_(1.0 - share)
+            grad_y.addcmul_(grad_out, rest.view(-1, *[1] * (y.dim() - 2)))
+        return grad_y, grad_w, grad_b, None, None, None, None
 
 
 def cbn_window_forward(
@@ -163,40 +282,72 @@ def cbn_window_forward(
     hist_sq: Tensor,
     valid: Tensor,
     taylor: TaylorInputs | None,
+    running: tuple[Tensor, Tensor, float] | None = None,
+    filled: int | None = None,
 ) -> WindowResult:
     """Normalize y with the statistics of the current batch plus the compensated stored batches.
 
     Gradient flows only through the current batch's statistics; the stored ones and the Taylor
     term are constants. Statistics are formed in ``statistics_dtype(y.dtype)`` (the history's
-    dtype); the output has y's dtype. The variance of the union is formed as the mean over kept
-    entries of ``var_s + (mean_s - mean)^2``, which equals ``E[y^2] - mean^2`` of the averaged moments exactly
-    but does not cancel catastrophically when |mean| >> std (it also makes window 1 equal BN).
-    The current batch is always kept: its variance is non-negative by construction, so only
-    round-off could flag it, and dropping it would leave a channel with nothing to average.
-    History tensors always have every slot, ``valid`` (S,) saying which hold data: fixed shapes
-    let one compiled graph serve the whole run instead of one per window fill level.
+    dtype); the output has y's dtype. History tensors always have every slot, ``valid`` (S,) saying
+    which hold data: fixed shapes let one compiled graph serve the whole run instead of one per
+    window fill level. ``running`` (running_mean, running_var, momentum), if given, is updated in
+    place with the current batch alone, as BatchNorm does (``update_running_stats``). ``filled``,
+    if given, is the number of valid slots (they are always the first ones), known on the host.
+
+    Two implementations of the full-size work, the same numbers: eager, the batch statistics (and
+    the running-statistics update) and the normalization are native BatchNorm kernels, with the
+    gradient of ``_NormalizeWithWindow`` (fewest passes over y and fewest small ops; on CPU, with
+    ``filled`` given, the window is combined by slicing when no entry is dropped); under
+    ``torch.compile`` (the fused path), plain differentiable ops that the compiler fuses itself.
     """
-    yf = y.to(statistics_dtype(y.dtype))
-    cur_var, cur_mean = torch.var_mean(yf, dim=(0, 2, 3), correction=0)
+    sdtype = statistics_dtype(y.dtype)
+    compiling = torch.compiler.is_compiling()
+    yf = y if y.dtype == sdtype else y.to(sdtype)
+    if compiling:
+        cur_var, cur_mean = torch.var_mean(yf, dim=(0, 2, 3), correction=0)
+        if running is not None:
+            update_running_stats(*running, cur_mean, cur_var, y.numel() // y.shape[1])
+    else:
+        fused_update = (
+            running is not None and running[0].dtype == running[1].dtype == sdtype and y.numel() > y.shape[1]
+        )
+        with torch.no_grad():
+            if fused_update:  # the kernel that computes the statistics also updates the buffers
+                cur_mean, cur_var = torch.batch_norm_update_stats(yf, running[0], running[1], running[2])
+            else:
+                cur_mean, cur_var = torch.batch_norm_update_stats(yf, None, None, 0.0)
+                if running is not None:
+                    update_running_stats(*running, cur_mean, cur_var, y.numel() // y.shape[1])
     if taylor is None:
         delta_mean = torch.zeros_like(hist_mean)
         comp_mean, comp_sq = hist_mean, hist_sq
     else:
-        d_mean, d_sq = taylor_deltas(*taylor)
-        delta_mean = rho * d_mean
+        scratch = None if compiling else taylor.scratch
+        now = taylor_products(taylor.w_now, taylor.hist_patch, taylor.hist_dsq, taylor.groups, out=scratch)
+        delta = now - taylor.hist_offset  # (S, 2, C)
+        delta_mean = delta[:, 0] if rho == 1.0 else delta[:, 0] * rho
         comp_mean = hist_mean + delta_mean
-        comp_sq = hist_sq + rho * d_sq
-    comp_var = comp_sq - comp_mean.square()
-    keep = (comp_var >= 0) & valid[:, None]
-    count = keep.sum(0, dtype=yf.dtype) + 1.0
-    # where(), not a multiply by the mask: an empty or diverged slot may hold inf/NaN. Masked before
-    # it meets ``mean`` too: where()'s zero gradient times an infinite (comp_mean - mean) would
-    # still be NaN in the input gradient.
-    kept_mean = torch.where(keep, comp_mean, 0.0)
-    mean = (cur_mean + kept_mean.sum(0)) / count
-    spread = cur_var + (cur_mean - mean).square()
-    var = (spread + torch.where(keep, comp_var + (kept_mean - mean).square(), 0.0).sum(0)) / count
-    scale = weight * torch.rsqrt(var + eps)
-    shift = bias - mean * scale
-    out = (yf * scale[None, :, None, None] + shift[None, :, None, None]).to(y.dtype)
-    return WindowResult(out, cur_mean.detach(), cur_var.detach(), count, keep, comp_mean, delta_mean)
+        comp_sq = torch.add(hist_sq, delta[:, 1], alpha=rho)
+    if compiling:
+        mean, var, count, keep = window_moments(cur_mean, cur_var, comp_mean, comp_sq, valid)
+        scale = weight * torch.rsqrt(var + eps)
+        shift = bias - mean * scale
+        out = yf * scale[None, :, None, None] + shift[None, :, None, None]
+        cur_mean, cur_var = cur_mean.detach(), cur_var.detach()
+    else:
+        fast = None
+        if filled is not None and y.device.type == "cpu":
+            fast = _window_moments_all_kept(cur_mean, cur_var, comp_mean, comp_sq, filled)
+        if fast is None:
+            mean, var, count, keep = window_moments(cur_mean, cur_var, comp_mean, comp_sq, valid)
+            norm_count = count
+        else:
+            mean, var, norm_count = fast
+            count = torch.full_like(cur_mean, norm_count)
+            keep = valid[:, None].expand(comp_mean.shape)
+        w, b = (weight, bias) if weight.dtype == sdtype else (weight.to(sdtype), bias.to(sdtype))
+        out = _NormalizeWithWindow.apply(yf, w, b, mean, var, norm_count, eps)
+    if out.dtype != y.dtype:
+        out = out.to(y.dtype)
+    return WindowResult(out, cur_mean, cur_var, count, keep, comp_mean, delta_mean)
