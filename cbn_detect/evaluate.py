@@ -3,7 +3,8 @@
 The model is rebuilt from the run's own configuration (``<run_dir>/.hydra/config.yaml``; for a
 checkpoint path, its run folder is ``<checkpoint>/../..``), the weights are loaded from
 ``checkpoints/last.pt`` (or the checkpoint given), and the test split is scored exactly as at the
-end of training (``evaluation.evaluator.evaluate``): VOC07 and area mAP, AP per class, COCO AP, the
+end of training (``evaluation.evaluator.evaluate`` on the same fast path, the norms folded into
+their convs by ``models.fold.inference_copy``): VOC07 and area mAP, AP per class, COCO AP, the
 devkit-format detection files, and FPS. Hydra-style overrides change what is evaluated, not the
 model: ``data.test_split=val``, ``data.root=/other/VOCdevkit``, ``data=voc07`` (another dataset
 with as many classes), ``eval.fps_images=0`` (no FPS), ``eval.coco=false``, ``device=cpu``.
@@ -40,6 +41,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cbn_detect.data.build import build_dataset, class_names
 from cbn_detect.evaluation.evaluator import evaluate
 from cbn_detect.evaluation.fps import measure_fps
+from cbn_detect.models.fold import inference_copy
 from cbn_detect.runtime import (
     ProcessesFailed,
     configure_process_logging,
@@ -174,6 +176,8 @@ def evaluate_run(
                 f"{checkpoint} does not fit {cfg.model.name} with {cfg.norm.name} and the {len(classes)} classes of "
                 f"data {cfg.data.name} ({first}); evaluate it on a dataset with the classes it was trained on"
             ) from err
+        model = inference_copy(net)  # the fast path the run's own evaluation took: norms folded
+        del net
         split = settings.test_split
         log.info(
             "evaluating %s (epoch %s) on %s/%s: %d images, %d process(es)",
@@ -181,7 +185,7 @@ def evaluate_run(
         )
         start = time.perf_counter()
         scores = evaluate(
-            net, test_set, test_set.ground_truth(), classes, device, info,
+            model, test_set, test_set.ground_truth(), classes, device, info,
             batch=settings.eval_batch, workers=settings.workers, metrics=list(settings.metrics), coco=settings.coco,
             detections_dir=Path(run_dir) / f"eval_{split}", split=split,
         )
@@ -207,7 +211,7 @@ def evaluate_run(
             "torch": torch.__version__,
         }
         if settings.fps_images > 0:
-            record["fps"] = measure_fps(net, test_set, device, settings.fps_images, settings.fps_warmup)
+            record["fps"] = measure_fps(model, test_set, device, settings.fps_images, settings.fps_warmup)
         io.write_json(eval_file(run_dir, split), record)
         log.info(
             "%s on %s/%s: VOC07 mAP %.4f -> %s",

@@ -130,12 +130,14 @@ def test_a_wrong_fold_is_caught_by_the_detection_check():
     assert matched < total
 
 
-def test_fold_keeps_our_per_level_head_norms():
+def test_fast_path_folds_our_per_level_head_norms_too():
+    """Our head shares each conv across levels with a norm per level: the fast path unshares the
+    conv, one folded copy per level, so no norm is left anywhere."""
     model = train_bench.ours_retinanet(train_bench.TINY_ARCH, 64).eval()
-    head_norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.head.modules())
-    infer_bench.fuse_conv_bn(model)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.head.modules()) == head_norms > 0
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.head.modules()) > 0
+    fast = infer_bench.fast_path(model, torch.device("cpu"), "fp32", channels_last=False, compile_mode=None)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0  # the original is untouched
 
 
 def test_data_row_reports_each_worker_count(capsys):

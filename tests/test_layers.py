@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "jobs": {"voc", "runtime", "data", "engine", "results"},
     "train": {"voc", "runtime", "norm", "models", "data", "tracking", "results", "engine", "evaluation", "jobs"},
     "evaluate": {"voc", "runtime", "norm", "models", "data", "tracking", "results", "engine", "evaluation", "jobs", "train"},
-    "report": {"runtime", "stats", "results"},
+    "report": {"runtime", "stats", "results", "evaluation"},
     "voc_eval": {"voc", "runtime", "evaluation"},
     "bench": {"voc", "runtime", "norm", "models", "data", "engine", "evaluation"},
 }

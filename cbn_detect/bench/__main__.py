@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from cbn_detect.bench import data, infer, norm, train
+from cbn_detect.bench import data, gpu, infer, norm, train
 from cbn_detect.bench import eval as eval_row
 
 ROWS: dict[str, Callable[[list[str]], int]] = {
@@ -14,6 +14,7 @@ ROWS: dict[str, Callable[[list[str]], int]] = {
     "train": train.run,
     "infer": infer.run,
     "data": data.run,
+    "gpu": gpu.run,
 }
 
 

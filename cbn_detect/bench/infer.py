@@ -2,8 +2,9 @@
 
 Both paths run the same torchvision RetinaNet with the same weights, pre- and post-processing
 included (``model([image])`` -> boxes). The fast path (``fast_path``) changes only how the network
-is executed: BN folded into the convolutions, ``inference_mode``, anchors cached, and on request
-channels-last, a bf16 network with fp32 post-processing, and ``torch.compile``. Before timing, the
+is executed: BN folded into the convolutions, ``inference_mode``, anchors cached (the pieces the
+evaluations also use, from ``cbn_detect.models.fold``), and on request channels-last, a bf16
+network with fp32 post-processing, and ``torch.compile``. Before timing, the
 two paths' detections are compared box by box; in fp32 any mismatch is an error (exit code 1).
 
 Random weights would make the timing unrepresentative: the classifier's prior bias puts every
@@ -23,12 +24,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.detection import RetinaNet
-from torchvision.models.detection.image_list import ImageList
 
 from cbn_detect.bench.common import add_device_option, device_name, interleaved_medians, parse_with_tiny, timed_ms
 from cbn_detect.bench.train import R50, TINY_ARCH, arch_of, torchvision_retinanet
+from cbn_detect.models.fold import CachedAnchors, fold_norms
 
 TINY = dict(size=64, images=3, warmup=1)
 DISTINCT_IMAGES = 4  # inputs cycle through this many random images
@@ -62,68 +62,12 @@ def _to_float(value: Any) -> Any:
     return value
 
 
-class CachedAnchors(nn.Module):
-    """torchvision's anchor generator, memoised.
-
-    Anchors are a function of the padded batch shape and the feature-map sizes only, yet torchvision
-    rebuilds them on every call, a dozen small kernels that show at batch 1.
-    """
-
-    def __init__(self, generator: nn.Module) -> None:
-        super().__init__()
-        self.generator = generator
-        self._cache: dict[tuple[Any, ...], list[Tensor]] = {}
-
-    def forward(self, image_list: ImageList, features: list[Tensor]) -> list[Tensor]:
-        key = (
-            tuple(image_list.tensors.shape),
-            tuple(tuple(f.shape[-2:]) for f in features),
-            features[0].dtype,
-            features[0].device,
-        )
-        if key not in self._cache:
-            self._cache[key] = self.generator(image_list, features)
-        return self._cache[key]
-
-
-def fuse_conv_bn(module: nn.Module) -> nn.Module:
-    """Fold, in place, every eval-mode ``BatchNorm2d`` into the ``Conv2d`` that directly feeds it.
-
-    A norm is folded only where its producer is certain: the conv just before it in an
-    ``nn.Sequential`` (torchvision's downsample and ``Conv2dNormActivation``), or its sibling
-    ``conv<k>`` for a ``bn<k>`` (ResNet blocks and stem, whose forward applies them in that order).
-    Norms shared differently, such as our head's per-level norms after one shared conv, stay.
-    """
-    for child in module.children():
-        fuse_conv_bn(child)
-    if isinstance(module, nn.Sequential):
-        for i in range(len(module) - 1):
-            if _foldable(module[i], module[i + 1]):
-                module[i] = fuse_conv_bn_eval(module[i], module[i + 1])
-                module[i + 1] = nn.Identity()
-    for name, child in list(module.named_children()):
-        conv = getattr(module, "conv" + name[2:], None) if name.startswith("bn") else None
-        if _foldable(conv, child):
-            setattr(module, "conv" + name[2:], fuse_conv_bn_eval(conv, child))
-            setattr(module, name, nn.Identity())
-    return module
-
-
-def _foldable(conv: nn.Module | None, norm: nn.Module) -> bool:
-    return (
-        isinstance(conv, nn.Conv2d)
-        and type(norm) is nn.BatchNorm2d
-        and norm.running_mean is not None
-        and not (conv.training or norm.training)
-    )
-
-
 def fast_path(
     model: RetinaNet, device: torch.device, dtype: str, channels_last: bool, compile_mode: str | None
 ) -> RetinaNet:
     """An eval-mode copy of ``model`` with the same weights, to be called under ``inference_mode``."""
     fast = copy.deepcopy(model).eval()
-    fuse_conv_bn(fast.backbone)
+    fold_norms(fast)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
     if dtype == "bf16":
@@ -227,7 +171,7 @@ def format_table(
     )
     lines = [header, f"{'path':<14}{'ms_per_image':>14}{'fps':>10}{'ratio_to_torchvision':>22}"]
     lines += [f"{label:<14}{ms:>14.2f}{fps:>10.2f}{ratio:>22.2f}" for label, ms, fps, ratio in rows]
-    steps = ["BN folded into the backbone's convs", "inference_mode", "cached anchors"]
+    steps = ["BN folded into the convs", "inference_mode", "cached anchors"]
     steps += ["channels_last"] * args.channels_last
     steps += ["bf16 backbone and head, fp32 post-processing"] * (args.dtype == "bf16")
     steps += [f"compiled backbone and head (mode {args.compile})"] * (args.compile is not None)
