@@ -13,6 +13,10 @@ It also draws the study's figures into the sweep directory, embedded in ``report
 ``loss_curves.png`` (training loss per norm at each batch size, from ``metrics.jsonl``) and
 ``loss_variance.png`` (how noisy training is per norm). A grid point without a completed run is
 drawn as a cross on the axis, and a run that did not complete as a dashed loss curve.
+
+Per model and batch, ``detections_<model>_b<batch>.png`` shows what the numbers mean: the same few
+test images with their ground truth, then one row per norm with the detections of its seed-0 job
+(else its first completed one), read from the job's devkit files; no model is loaded.
 """
 
 from __future__ import annotations
@@ -24,16 +28,28 @@ import logging
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from io import BytesIO, StringIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import font_manager
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cbn_detect import stats
+from cbn_detect.evaluation.pictures import (
+    DEFAULT_IMAGES,
+    DEFAULT_SCORE,
+    SplitData,
+    draw_detections,
+    draw_ground_truth,
+    job_test_split,
+    load_examples,
+    pick_images,
+)
 from cbn_detect.results import UnreadableResults, read_results
 from cbn_detect.runtime import io
 from cbn_detect.runtime.lock import read_holder, stale_reason
@@ -432,50 +448,214 @@ def write_figures(rows: Sequence[dict[str, Any]], sweep_dir: Path) -> list[Path]
     return paths
 
 
+@dataclass
+class PictureFile:
+    """One grid of ``detections_<model>_b<batch>.png``: its file, title and the jobs it shows."""
+
+    name: str
+    model: str
+    batch: int
+    jobs: dict[str, str]  # norm -> job directory (relative to the sweep)
+
+
+def _picture_job(members: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The job a cell's picture shows: the completed seed 0, else the first completed by seed."""
+    done = sorted(_completed(members), key=lambda m: (m.get("seed") != 0, m.get("seed") or 0, str(m.get("job_dir"))))
+    return done[0] if done else None
+
+
+def _font() -> str | None:
+    """A TrueType font for the box labels (matplotlib's own DejaVu Sans; PIL's bitmap font without it)."""
+    try:
+        return font_manager.findfont("DejaVu Sans", fallback_to_default=False)
+    except ValueError:
+        return None
+
+
+def _norm_order(norms: Sequence[str]) -> list[str]:
+    return sorted(norms, key=lambda norm: (norm != BASELINE_NORM, norm))
+
+
+def plot_detections(
+    sweep_dir: Path, model: str, batch: int, jobs: dict[str, dict[str, Any]], path: Path,
+    images: int = DEFAULT_IMAGES, score: float = DEFAULT_SCORE, splits: dict[str, SplitData] | None = None,
+) -> dict[str, str]:
+    """The grid for (model, batch): a column per test image, the ground truth on top, then a row per
+    norm with its job's detections scoring at least ``score``. Returns the jobs drawn (norm -> job
+    dir); a job whose test split or detections cannot be read is left out with a warning, and
+    nothing is drawn when none can."""
+    splits = {} if splits is None else splits
+    font = _font()
+    rows: list[tuple[str, list[Any], list[int] | None]] = []  # title, drawn images, detections per image
+    drawn: dict[str, str] = {}
+    ids: list[str] = []
+    for norm in _norm_order(list(jobs)):
+        row = jobs[norm]
+        job_dir = sweep_dir / str(row["job_dir"])
+        try:
+            split = job_test_split(job_dir, splits)
+            if not ids:
+                ids = [split.gt.image_ids[i] for i in pick_images(split.gt, images)]
+            where = {image_id: i for i, image_id in enumerate(split.gt.image_ids)}
+            missing = [image_id for image_id in ids if image_id not in where]
+            if missing:
+                raise ValueError(f"its test split lacks image {missing[0]}")
+            examples = load_examples(
+                split.dataset, split.gt, job_dir / "detections", split.split, split.classes,
+                [where[image_id] for image_id in ids], score,
+            )
+        except Exception as err:  # noqa: BLE001 - a picture that cannot be drawn must not cost the report
+            log.warning("%s: no detection picture (%s: %s)", row["job_dir"], type(err).__name__, err)
+            continue
+        if not rows:
+            rows.append(("ground truth", [draw_ground_truth(e, split.classes, font=font) for e in examples], None))
+        value = row.get(HEADLINE_METRIC)
+        metric = "" if value is None else f"\nVOC07 mAP {value:.3f}"
+        pictures = [draw_detections(e, split.classes, font=font) for e in examples]
+        rows.append((f"{norm}\nseed {row.get('seed')}{metric}", pictures, [len(e.scores) for e in examples]))
+        drawn[norm] = str(row["job_dir"])
+    if not drawn:
+        return drawn
+    figure = Figure(figsize=(2.7 * len(ids), 2.7 * len(rows) + 0.5))
+    axes = np.atleast_2d(figure.subplots(len(rows), len(ids), squeeze=False))
+    for r, (title, pictures, counts) in enumerate(rows):
+        for c, picture in enumerate(pictures):
+            ax = axes[r, c]
+            ax.imshow(picture.permute(1, 2, 0).numpy())
+            if counts is not None and counts[c] == 0:
+                ax.text(
+                    0.5, 0.03, f"no detection ≥ {score:g}", transform=ax.transAxes, ha="center", va="bottom",
+                    fontsize="small", color="white", bbox={"facecolor": "black", "alpha": 0.6, "linewidth": 0},
+                )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(ids[c], fontsize="small")
+            if c == 0:
+                ax.set_ylabel(title, fontsize="small")
+    figure.suptitle(
+        f"{model}, {batch} images per process: ground truth (top), then each norm's detections "
+        f"with score ≥ {score:g}",
+        fontsize="small",
+    )
+    figure.tight_layout()
+    _save_png(figure, path)
+    return drawn
+
+
+def write_detection_pictures(
+    rows: Sequence[dict[str, Any]], sweep_dir: Path, images: int = DEFAULT_IMAGES, score: float = DEFAULT_SCORE
+) -> list[PictureFile]:
+    """One ``detections_<model>_b<batch>.png`` per (model, batch) with a completed job that kept its
+    detections (``detections/``); test splits are built once per distinct data config."""
+    if images < 1:
+        return []
+    cells = _cells(rows)
+    splits: dict[str, SplitData] = {}
+    written = []
+    for model, batch in sorted({(m, b) for m, _, b in cells}):
+        jobs = {}
+        for (m, norm, b), members in cells.items():
+            job = _picture_job(members) if (m, b) == (model, batch) else None
+            if job is not None and (sweep_dir / str(job["job_dir"]) / "detections").is_dir():
+                jobs[norm] = job
+        if not jobs:
+            continue
+        name = f"detections_{model}_b{batch}.png"
+        drawn = plot_detections(sweep_dir, model, batch, jobs, sweep_dir / name, images, score, splits)
+        if drawn:
+            written.append(PictureFile(name, model, batch, drawn))
+    return written
+
+
+def _pictures_markdown(pictures: Sequence[PictureFile], images: int, score: float) -> list[str]:
+    if not pictures:
+        return []
+    text = [
+        "## Detections",
+        "",
+        f"The same {images} test images in every picture (the split's first with an object that is not difficult): "
+        "the ground truth on top (difficult objects marked), then one row per norm with the detections scoring at "
+        f"least {score:g}, read from the devkit files (`detections/`) of the norm's seed-0 job (else its first "
+        "completed one). A box's colour is its class.",
+        "",
+    ]
+    for picture in pictures:
+        jobs = ", ".join(f"{norm}: `{job}`" for norm, job in picture.jobs.items())
+        text += [
+            f"### {picture.model}, {picture.batch} images per process",
+            "",
+            f"![{picture.model} detections at batch {picture.batch}]({picture.name})",
+            "",
+            f"Jobs: {jobs}.",
+            "",
+        ]
+    return text
+
+
 def _problem_line(row: dict[str, Any]) -> str:
     """One job that did not complete, with why: a skipped job's ``reason``, else the ``error``."""
     why = row.get("reason") or row.get("error")
     return f"- `{row['job_dir']}`: {row.get('status')}" + (f" ({why})" if why else "")
 
 
-def report_markdown(sweep_dir: Path, rows: Sequence[dict[str, Any]], summary: str, paired: str) -> str:
-    """report.md: both tables with what their numbers mean, every job that did not complete, the figures."""
+def report_markdown(
+    sweep_dir: Path, rows: Sequence[dict[str, Any]], summary: str, paired: str,
+    pictures: Sequence[PictureFile] = (), images: int = DEFAULT_IMAGES, score: float = DEFAULT_SCORE,
+) -> str:
+    """report.md: both tables with what their numbers mean, every job that did not complete, the
+    figures, the detection pictures."""
     text = [f"# Sweep {sweep_dir}", "", "## Summary", "", SUMMARY_NOTE, "", summary, "", paired, ""]
     problems = [r for r in rows if r.get("status") != "completed"]
     if problems:
         text += ["## Jobs that did not complete", "", *map(_problem_line, problems), ""]
     text += ["## Figures", ""]
     text += [f"![{title}]({name})\n" for name, title in FIGURES]
+    text += _pictures_markdown(pictures, images, score)
     return "\n".join(text)
 
 
-def write_report(sweep_dir: Path) -> str:
-    """Write report.md, results.csv and the figures; return what the CLI prints (the two tables)."""
+def write_report(
+    sweep_dir: Path, images: int = DEFAULT_IMAGES, score: float = DEFAULT_SCORE
+) -> tuple[str, list[str]]:
+    """Write report.md, results.csv, the figures and the detection pictures (``images`` test images,
+    detections from ``score`` up; 0 images: none); return what the CLI prints (the two tables) and
+    the names of the figures and pictures written."""
     rows = collect_runs(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"{sweep_dir} holds no job directories (folders with .hydra/)")
     summary = summary_table(rows)
     paired = paired_section(rows)
     write_figures(rows, sweep_dir)
-    io.write_text(sweep_dir / "report.md", report_markdown(sweep_dir, rows, summary, paired))
+    pictures = write_detection_pictures(rows, sweep_dir, images, score)
+    io.write_text(sweep_dir / "report.md", report_markdown(sweep_dir, rows, summary, paired, pictures, images, score))
     io.write_text(sweep_dir / "results.csv", results_csv(rows))
-    return f"{summary}\n\n{paired}"
+    written = [name for name, _ in FIGURES] + [p.name for p in pictures]
+    return f"{summary}\n\n{paired}", written
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cbn_detect.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", nargs="?", type=Path, help="a Hydra sweep directory (default: newest under multirun/)")
+    parser.add_argument(
+        "--images", type=int, default=DEFAULT_IMAGES, metavar="N",
+        help=f"test images in each detection picture (default {DEFAULT_IMAGES}; 0: no pictures)",
+    )
+    parser.add_argument(
+        "--score", type=float, default=DEFAULT_SCORE,
+        help=f"draw the detections scoring at least this (default {DEFAULT_SCORE})",
+    )
     args = parser.parse_args(argv)
     try:
         sweep_dir = args.sweep_dir or newest_sweep()
         if not sweep_dir.is_dir():
             raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
-        tables = write_report(sweep_dir)
+        tables, written = write_report(sweep_dir, args.images, args.score)
     except FileNotFoundError as err:
         print(f"cbn_detect.report: {err}", file=sys.stderr)
         return 2
     print(tables)
-    print(f"\nwritten: {sweep_dir / 'report.md'}, {sweep_dir / 'results.csv'}, " + ", ".join(name for name, _ in FIGURES))
+    print(f"\nwritten: {sweep_dir / 'report.md'}, {sweep_dir / 'results.csv'}, " + ", ".join(written))
     return 0
 
 

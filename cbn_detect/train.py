@@ -9,6 +9,7 @@ interrupted one resumes from its checkpoint. ``run`` is three steps: ``setup`` a
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import signal
@@ -17,12 +18,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -42,8 +44,10 @@ from cbn_detect.engine.signals import HANDLED, TrainingInterrupted
 from cbn_detect.engine.trainer import Loop, LoopSettings, TrainingDiverged, fit
 from cbn_detect.evaluation.evaluator import evaluate
 from cbn_detect.evaluation.fps import measure_fps
+from cbn_detect.evaluation.pictures import load_examples, pick_images
 from cbn_detect.jobs import identity, launch_job, launches_processes, run_job
 from cbn_detect.models import build_detector
+from cbn_detect.models.fold import inference_copy
 from cbn_detect.norm import convert_norm, resolve_burnin, use_native_sync_batchnorm
 from cbn_detect.results import Results, completed_results, write_results
 from cbn_detect.runtime import (
@@ -58,8 +62,9 @@ from cbn_detect.runtime import (
 )
 from cbn_detect.runtime.errors import CheckpointError, ConfigError
 from cbn_detect.runtime.lock import claim_job
+from cbn_detect.runtime.progress import ProgressSettings
 from cbn_detect.tracking import JsonlSink, LoggingSink, MetricSink
-from cbn_detect.tracking.wandb_sink import build_wandb_sink
+from cbn_detect.tracking.wandb_sink import DetectionPicture, build_wandb_sink
 from cbn_detect.voc import GroundTruth
 
 log = logging.getLogger("cbn_detect.train")
@@ -78,6 +83,8 @@ class RunSettings:
     amp: str
     resume: str
     progress: str
+    progress_every_s: float
+    slow_warning_h: float | None
     cudnn_benchmark: bool
     eval_every: int
     eval_batch: int
@@ -85,6 +92,8 @@ class RunSettings:
     coco: bool
     fps_images: int
     fps_warmup: int
+    log_images: int
+    image_score: float
     test_split: str
 
     @classmethod
@@ -93,19 +102,25 @@ class RunSettings:
             batch=int(cfg.data.batch), workers=int(cfg.data.workers), seed=int(cfg.seed),
             epochs=int(cfg.train.epochs), threads=None if cfg.threads is None else int(cfg.threads),
             device=str(cfg.device), amp=str(cfg.train.amp), resume=str(cfg.train.resume),
-            progress=str(cfg.train.progress), cudnn_benchmark=bool(cfg.train.cudnn_benchmark),
+            progress=str(cfg.train.progress), progress_every_s=float(cfg.train.progress_every_s),
+            slow_warning_h=None if cfg.train.slow_warning_h is None else float(cfg.train.slow_warning_h),
+            cudnn_benchmark=bool(cfg.train.cudnn_benchmark),
             eval_every=int(cfg.eval.every), eval_batch=int(cfg.eval.batch), metrics=tuple(cfg.eval.metrics),
             coco=bool(cfg.eval.coco), fps_images=int(cfg.eval.fps_images), fps_warmup=int(cfg.eval.fps_warmup),
+            log_images=int(cfg.eval.log_images), image_score=float(cfg.eval.image_score),
             test_split=str(cfg.data.test_split),
         )
 
 
-def loop_settings(cfg: DictConfig, progress: bool) -> LoopSettings:
+def loop_settings(
+    cfg: DictConfig, progress: ProgressSettings | bool, slow_warning_h: float | None = None
+) -> LoopSettings:
     return LoopSettings(
         epochs=int(cfg.train.epochs),
         max_grad_norm=None if cfg.train.max_grad_norm is None else float(cfg.train.max_grad_norm),
         log_every=int(cfg.train.log_every),
         progress=progress,
+        slow_warning_h=slow_warning_h,
         max_nonfinite=int(cfg.train.max_nonfinite),
         loss_window=int(cfg.train.loss_window),
         diagnostics=str(cfg.diagnostics.level),
@@ -170,6 +185,11 @@ def close_sinks(sinks: list[MetricSink], results: Results | None) -> None:
             log.warning("closing %s failed (%s: %s)", type(sink).__name__, type(err).__name__, err)
 
 
+def job_name(cfg: DictConfig) -> str:
+    """``retinanet_tiny/bn/b4/s0``: the job in progress lines when several jobs share a console."""
+    return f"{cfg.model.name}/{cfg.norm.name}/b{cfg.data.batch}/s{cfg.seed}"
+
+
 def completed_in(run_dir: Path) -> bool:
     return completed_results(run_dir, warn=False) is not None  # main() warned about an unreadable one
 
@@ -222,6 +242,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: TrainState
     sinks: list[MetricSink]
+    progress: ProgressSettings
 
     def identity(self) -> dict[str, Any]:
         return identity(self.cfg, self.info.world_size)
@@ -232,14 +253,43 @@ class Run:
         )
 
     def score(self) -> dict[str, Any] | None:
-        """Evaluate the current weights (sharded over the processes; rank 0 gets the scores)."""
+        """Evaluate the current weights (sharded over the processes; rank 0 gets the scores) on
+        the fast path: an inference copy with the norms folded into their convs, the network
+        itself left as it is."""
         broadcast_buffers(self.net, self.info)  # every shard evaluates the weights rank 0 checkpoints
         s = self.settings
         return evaluate(
-            self.net, self.test_set, self.gt, self.classes, self.device, self.info,
+            inference_copy(self.net), self.test_set, self.gt, self.classes, self.device, self.info,
             batch=s.eval_batch, workers=s.workers, metrics=list(s.metrics), coco=s.coco,
-            detections_dir=self.run_dir / "detections", split=s.test_split,
+            detections_dir=self.run_dir / "detections", split=s.test_split, progress=self.progress,
         )
+
+    def log_pictures(self) -> None:
+        """``eval.log_images`` test images with their ground truth and the detections of the evaluation
+        just written (read back from its devkit files, as the report draws them) to the sinks that
+        show images (W&B), at the current step. As everything for W&B, it never stops the run: a
+        failure is one warning."""
+        sinks = [sink for sink in self.sinks if hasattr(sink, "log_detections")]
+        if self.settings.log_images < 1 or not sinks:
+            return
+        try:
+            examples = load_examples(
+                self.test_set, self.gt, self.run_dir / "detections", self.settings.test_split, self.classes,
+                pick_images(self.gt, self.settings.log_images), self.settings.image_score,
+            )
+        except Exception as err:  # noqa: BLE001 - see the docstring
+            log.warning("no detection images for W&B (%s: %s)", type(err).__name__, err)
+            return
+        pictures = [
+            DetectionPicture(
+                image=np.ascontiguousarray(e.image.permute(1, 2, 0).numpy()), caption=e.image_id,
+                gt_boxes=e.gt_boxes, gt_labels=e.gt_labels, gt_difficult=e.gt_difficult,
+                boxes=e.boxes, scores=e.scores, labels=e.labels,
+            )
+            for e in examples
+        ]
+        for sink in sinks:
+            sink.log_detections("eval/examples", pictures, self.classes, self.state.step)
 
 
 def setup_data(
@@ -309,12 +359,19 @@ def resume(
     return state
 
 
-def setup(cfg: DictConfig, run_dir: Path, wandb_group: str | None) -> Run:
-    """Process group, seeds, data, model, optimizer and schedule, the checkpoint to resume from, sinks."""
+def setup(cfg: DictConfig, run_dir: Path, wandb_group: str | None, several_jobs: bool = False) -> Run:
+    """Process group, seeds, data, model, optimizer and schedule, the checkpoint to resume from, sinks.
+    ``several_jobs``: the job shares its console with others (a multirun), so its progress lines
+    carry its name (as they do when the job runs as several processes)."""
     settings = RunSettings.from_config(cfg)
     if settings.batch < 1:
         raise ConfigError(f"data.batch={settings.batch} must be at least 1 image per process")
+    progress = ProgressSettings.resolve(settings.progress, settings.progress_every_s)  # a bad value fails first
     info, device = init_distributed(resolve_device(settings.device))
+    progress = replace(
+        progress, mode=progress.mode if info.is_main else "off",
+        name=job_name(cfg) if several_jobs or info.world_size > 1 else "",
+    )
     run_dir = Path(broadcast_object(str(run_dir), info))
     # One writer per job directory: rank 0 holds job.lock (or all ranks raise JobLocked and skip).
     lock = claim_job(run_dir, info, float(cfg.train.lock_stale_h), finished=lambda: completed_in(run_dir))
@@ -336,7 +393,7 @@ def setup(cfg: DictConfig, run_dir: Path, wandb_group: str | None) -> Run:
         sinks.append(lock)  # refreshed at every logged step, released when the sinks close
     return Run(
         cfg, settings, info, device, run_dir, precision, classes, train_set, test_set, gt, loader, net, model,
-        optimizer, scheduler, state, sinks,
+        optimizer, scheduler, state, sinks, progress,
     )
 
 
@@ -348,12 +405,15 @@ def train(run: Run) -> None:
     def end_of_epoch(state: TrainState) -> None:
         run.checkpoint()
         if settings.eval_every > 0 and state.epoch % settings.eval_every == 0 and state.epoch < settings.epochs:
-            log_eval(run.sinks, state, run.score())
+            scores = run.score()
+            log_eval(run.sinks, state, scores)
+            if scores is not None:
+                run.log_pictures()
 
-    progress = run.info.is_main and (settings.progress == "on" or (settings.progress == "auto" and sys.stderr.isatty()))
+    slow_warning_h = settings.slow_warning_h if run.info.is_main else None
     loop = Loop(
-        run.model, run.loader, run.optimizer, run.scheduler, run.device, loop_settings(run.cfg, progress),
-        run.sinks, run.checkpoint, run.precision,
+        run.model, run.loader, run.optimizer, run.scheduler, run.device,
+        loop_settings(run.cfg, run.progress, slow_warning_h), run.sinks, run.checkpoint, run.precision,
     )
     fit(loop, run.state, end_of_epoch)
 
@@ -417,7 +477,10 @@ def finish(run: Run) -> Results:
         log_eval(run.sinks, run.state, scores)
         if not run.info.is_main or scores is None:
             return Results(status="completed", **run.identity())
-        fps = measure_fps(run.net, run.test_set, run.device, s.fps_images, s.fps_warmup)
+        run.log_pictures()
+        fps = measure_fps(
+            inference_copy(run.net), run.test_set, run.device, s.fps_images, s.fps_warmup, progress=run.progress
+        )
     results = Results(
         status="completed", **run.identity(), **scores, fps=fps, **train_summary(run.state), eval_time_s=eval_time,
         data_problems={"train": dataset_problems(run.train_set), "test": dataset_problems(run.test_set)},
@@ -432,11 +495,12 @@ def finish(run: Run) -> Results:
     return results
 
 
-def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> Results:
+def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None, several_jobs: bool = False) -> Results:
     """Train and evaluate one configuration into ``run_dir``. However it ends (completed, diverged,
     interrupted, failed), its sinks are closed once setup has built them: W&B finishes,
-    ``metrics.jsonl`` is closed, the job's lock released; with the final numbers when there are."""
-    job = setup(cfg, run_dir, wandb_group)
+    ``metrics.jsonl`` is closed, the job's lock released; with the final numbers when there are.
+    ``several_jobs``: its console is shared with other jobs (a multirun; see :func:`setup`)."""
+    job = setup(cfg, run_dir, wandb_group, several_jobs)
     results: Results | None = None
     try:
         try:
@@ -466,11 +530,12 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as err:
         log.error("%s", err)
         sys.exit(2)
+    one_job = functools.partial(run, several_jobs=multirun)  # a multirun's jobs name themselves in progress lines
     if several:
         logging_config = OmegaConf.to_container(hydra_cfg.job_logging, resolve=True)
-        outcome = launch_job(run, cfg, run_dir, wandb_group, logging_config)
+        outcome = launch_job(one_job, cfg, run_dir, wandb_group, logging_config)
     else:
-        outcome = run_job(run, cfg, run_dir, wandb_group)
+        outcome = run_job(one_job, cfg, run_dir, wandb_group)
     # An interrupt stops a whole sweep (SLURM requeues it); any other failure only its own job.
     if outcome.exit_code and (outcome.status == "interrupted" or not multirun):
         sys.exit(outcome.exit_code)

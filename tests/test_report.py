@@ -113,6 +113,15 @@ def test_cli_writes_report_csv_and_figures(sweep: Path, capsys: pytest.CaptureFi
     assert not list(sweep.glob(".*.tmp"))
 
 
+def test_jobs_without_detection_files_get_no_picture_and_no_warning(sweep: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Pictures need a job's devkit files (``detections/``) and dataset; these hand-written jobs have
+    neither, so the report has no Detections section and says nothing about it."""
+    assert main([str(sweep)]) == 0
+    assert "## Detections" not in (sweep / "report.md").read_text()
+    assert not list(sweep.glob("detections_*.png"))
+    assert not [r for r in caplog.records if "detection picture" in r.getMessage()]
+
+
 def test_cli_finds_the_newest_sweep_and_explains_an_empty_one(sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

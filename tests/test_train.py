@@ -6,19 +6,23 @@ import json
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from cbn_detect.data.build import build_dataset, class_names, collate
+from cbn_detect.data.build import build_dataset, class_names, collate, dataset_source
+from cbn_detect.data.voc import resolve_voc_root
 from cbn_detect.engine.optim import build_optimizer
 from cbn_detect.models import build_detector
 from cbn_detect.engine.preflight import RunSkipped
 from cbn_detect.results import FIELDS
 from cbn_detect.train import run
 from tests.conftest import CONF_DIR, REPO, TINY_RUN
+from tests.test_voc_ap import reference_ap
 
 # A completed run fills every field of the schema but the two that explain a run that did not.
 COMPLETED_KEYS = set(FIELDS) - {"error", "reason"}
@@ -51,16 +55,30 @@ def test_one_training_step_gives_a_finite_loss_and_changes_the_parameters() -> N
 
 
 def test_a_tiny_run_writes_complete_results(tmp_path: Path) -> None:
-    results = run(tiny_cfg(), tmp_path)
+    # a score threshold low enough that the barely trained model's detections get written and scored
+    results = run(tiny_cfg("model.score_thresh=0.001"), tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results.to_dict()))
     assert set(on_disk) == COMPLETED_KEYS
     assert on_disk["status"] == "completed"
     assert on_disk["steps"] == 2 * (16 // 4) and on_disk["epochs"] == 2
-    assert 0.0 <= on_disk["map_voc07"] <= 1.0
+    # The mAP is the devkit's on the run's own detection files and the test split's XML, both read
+    # here and scored by the plain-loop reference of test_voc_ap (not by cbn_detect's evaluation).
+    names = class_names(tiny_cfg().data)
+    gt, dets = _devkit_inputs(tmp_path / "detections", tiny_cfg().data, names)
+    assert sum(len(d) for d in dets) > 0  # the reference must have something to score
+    expected_ap = reference_ap(gt, dets, len(names), "voc07")
+    scored = [ap for ap in expected_ap.values() if ap is not None]
+    assert on_disk["map_voc07"] == pytest.approx(sum(scored) / len(scored), rel=1e-9, abs=1e-12)
+    assert on_disk["ap_per_class"] == pytest.approx({n: expected_ap[k] for k, n in enumerate(names, 1)}, abs=1e-12)
     assert set(on_disk["ap_per_class"]) == set(class_names(tiny_cfg().data))
     assert on_disk["fps"]["fps_model"] > 0 and on_disk["fps"]["batch"] == 1
-    assert on_disk["loss_variance"] > 0.0
+    # the population variance of the last epoch's 4 per-step losses, as metrics.jsonl logged them
+    last_epoch = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                  if '"loss"' in line and json.loads(line).get("epoch") == 2]
+    assert len(last_epoch) == 4
+    assert on_disk["loss_variance"] == pytest.approx(float(np.var(last_epoch)), rel=1e-9)
+    assert on_disk["final_loss"] == last_epoch[-1]
     assert (tmp_path / "results_batch_4.txt").read_text().startswith("model: retinanet_tiny")
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
@@ -69,6 +87,67 @@ def test_a_tiny_run_writes_complete_results(tmp_path: Path) -> None:
     assert any("eval/map_voc07" in r for r in records)
     assert (tmp_path / "checkpoints" / "last.pt").exists()
     assert len(list((tmp_path / "detections").glob("comp4_det_test_*.txt"))) == len(on_disk["ap_per_class"])
+
+
+def test_train_compile_compiles_backbone_and_head_in_place_keeping_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.compile`` compiles exactly the backbone and the head, in place (``Module.compile``):
+    the state_dict keys stay those of the eager model, so checkpoints load both ways, and the
+    compiled model detects as the eager one with the same weights. Dynamo captures the graphs for
+    real; the backend is switched to "eager" because inductor's codegen takes minutes on 2 cores."""
+    from torch import nn
+
+    from cbn_detect.train import build_model
+
+    compiled: list[nn.Module] = []
+    compile_module = nn.Module.compile
+
+    def compile_eager(self: nn.Module, *args, **kwargs) -> None:
+        compiled.append(self)
+        compile_module(self, *args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(nn.Module, "compile", compile_eager)
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("train.compile=true"), num_classes=6, device=torch.device("cpu")).eval()
+    assert compiled == [model.backbone, model.head]
+    assert model.backbone._compiled_call_impl is not None and model.head._compiled_call_impl is not None
+    eager = build_model(tiny_cfg(), num_classes=6, device=torch.device("cpu")).eval()
+    assert eager.backbone._compiled_call_impl is None and len(compiled) == 2
+    assert list(model.state_dict()) == list(eager.state_dict())
+    eager.load_state_dict(model.state_dict())
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        features, eager_features = model.backbone(torch.stack(images)), eager.backbone(torch.stack(images))
+        assert list(features) == list(eager_features)
+        for key in features:
+            torch.testing.assert_close(features[key], eager_features[key], rtol=1e-5, atol=1e-6)
+        got, expected = model(images), eager(images)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g["scores"], e["scores"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g["boxes"], e["boxes"], rtol=1e-5, atol=1e-4)
+
+
+def _devkit_inputs(detections: Path, data_cfg, names) -> tuple[list, list]:
+    """(ground truth, detections) of the test split as test_voc_ap's reference takes them: per image,
+    (label, VOC box, difficult) from the XML and (label, score, VOC box) from the comp4 files, in
+    file order."""
+    voc = resolve_voc_root(dataset_source(data_cfg).root, data_cfg.year)
+    image_ids = (voc / "ImageSets" / "Main" / f"{data_cfg.test_split}.txt").read_text().split()
+    gt = []
+    for image_id in image_ids:
+        root = ET.parse(voc / "Annotations" / f"{image_id}.xml").getroot()
+        gt.append([
+            (names.index(obj.findtext("name").strip()) + 1,
+             tuple(float(obj.find("bndbox").findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")),
+             obj.findtext("difficult", "0").strip() == "1")
+            for obj in root.findall("object")
+        ])
+    index = {image_id: i for i, image_id in enumerate(image_ids)}
+    dets: list[list] = [[] for _ in image_ids]
+    for label, name in enumerate(names, start=1):
+        for line in (detections / f"comp4_det_{data_cfg.test_split}_{name}.txt").read_text().splitlines():
+            image_id, score, *box = line.split()
+            dets[index[image_id]].append((label, float(score), tuple(map(float, box))))
+    return gt, dets
 
 
 def _train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

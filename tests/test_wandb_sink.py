@@ -14,11 +14,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from cbn_detect.tracking.wandb_reader import CorruptRunFile, find_run_files, read_offline_run, wait_for_run
-from cbn_detect.tracking.wandb_sink import build_wandb_sink, flatten
+from cbn_detect.tracking.wandb_reader import CorruptRunFile, find_run_files, logged_images, read_offline_run, wait_for_run
+from cbn_detect.tracking.wandb_sink import DetectionPicture, build_wandb_sink, flatten
 from tests.conftest import REPO
 
 OFFLINE = {"mode": "offline", "project": "cbn_detect_tests", "entity": None, "group": None, "tags": ["t"], "init_timeout": 5}
@@ -76,6 +78,50 @@ def test_histograms_land_in_the_same_step_as_the_metrics(tmp_path: Path) -> None
     assert row["_step"] == 5 and row["loss"] == 1.0
     assert row["weights/conv"]["_type"] == "histogram" and sum(row["weights/conv"]["values"]) == 100
     assert row["grads/conv"]["_type"] == "histogram"
+
+
+def test_detection_images_hold_prediction_and_ground_truth_boxes_in_w_and_b_format(tmp_path: Path) -> None:
+    classes = ("circle", "square")
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[5:25, 10:30] = 200
+    pictures = [
+        DetectionPicture(
+            image=image, caption="000007", gt_boxes=np.array([[10.0, 5.0, 30.0, 25.0], [40.0, 1.0, 50.0, 9.0]]),
+            gt_labels=np.array([2, 1]), gt_difficult=np.array([False, True]),
+            boxes=np.array([[9.5, 5.25, 30.0, 24.0]]), scores=np.array([0.875]), labels=np.array([2]),
+        ),
+        DetectionPicture(
+            image=image[::-1].copy(), caption="000009", gt_boxes=np.zeros((0, 4)), gt_labels=np.zeros(0, int),
+            gt_difficult=np.zeros(0, bool), boxes=np.zeros((0, 4)), scores=np.zeros(0), labels=np.zeros(0, int),
+        ),
+    ]
+    sink = build_wandb_sink(OFFLINE, {}, "n", None, tmp_path)
+    assert sink is not None
+    sink.log({"eval/map_voc07": 0.5}, 12)
+    sink.log_detections("eval/examples", pictures, classes, 12)
+    sink.close()
+    run = wait_for_run(tmp_path)
+    (row,) = run.history
+    assert row["_step"] == 12 and row["eval/map_voc07"] == 0.5
+    first, second = logged_images(run, row["eval/examples"])
+    assert (first.caption, second.caption) == ("000007", "000009")
+    assert first.path.is_relative_to(run.files[0].parent / "files" / "media" / "images")
+    assert np.asarray(Image.open(first.path).convert("RGB")).tolist() == image.tolist()
+    assert (first.width, first.height) == (60, 40)
+    labels = {"1": "circle", "2": "square"}
+    assert first.boxes["predictions"] == {
+        "box_data": [{
+            "position": {"minX": 9.5, "minY": 5.25, "maxX": 30.0, "maxY": 24.0}, "domain": "pixel", "class_id": 2,
+            "scores": {"score": 0.875}, "box_caption": "square 0.88",
+        }],
+        "class_labels": labels,
+    }
+    assert first.boxes["ground_truth"]["box_data"] == [
+        {"position": {"minX": 10.0, "minY": 5.0, "maxX": 30.0, "maxY": 25.0}, "domain": "pixel", "class_id": 2, "box_caption": "square"},
+        {"position": {"minX": 40.0, "minY": 1.0, "maxX": 50.0, "maxY": 9.0}, "domain": "pixel", "class_id": 1,
+         "box_caption": "circle (difficult)"},
+    ]
+    assert second.boxes["predictions"]["box_data"] == [] and second.boxes["ground_truth"]["class_labels"] == labels
 
 
 def test_config_group_wins_over_the_sweep_and_disabled_builds_nothing(tmp_path: Path) -> None:

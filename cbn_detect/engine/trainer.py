@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from cbn_detect.data.build import start_epoch
 from cbn_detect.engine.checkpoint import TrainState
@@ -25,6 +24,7 @@ from cbn_detect.engine.signals import SignalWatch
 from cbn_detect.norm import norm_diagnostics
 from cbn_detect.norm.rollback import NormRollback
 from cbn_detect.runtime import synchronize
+from cbn_detect.runtime.progress import Progress, ProgressSettings, format_duration
 from cbn_detect.tracking import MetricSink
 
 log = logging.getLogger(__name__)
@@ -36,14 +36,23 @@ class TrainingDiverged(Exception):
 
 @dataclass
 class LoopSettings:
+    """``progress``: how the run shows its progress (``True``: a bar, ``False``: nothing).
+    ``slow_warning_h``: warn once, after the first steps, when the training left will take longer
+    than this many hours (None: never)."""
+
     epochs: int
     max_grad_norm: float | None
     log_every: int
-    progress: bool
+    progress: ProgressSettings | bool
     max_nonfinite: int = 20
     loss_window: int = 100
     diagnostics: str = "basic"
     diagnostics_every: int = 50
+    slow_warning_h: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.progress, bool):
+            self.progress = ProgressSettings(mode="bar" if self.progress else "off")
 
 
 @dataclass
@@ -160,8 +169,47 @@ def _checkpoint_and_hand_on(loop: Loop, state: TrainState, watch: SignalWatch, s
     watch.hand_on(state.step, signum, follower=follower)
 
 
+SLOW_CHECK_STEPS = 5
+SLOW_CHECK_S = 30.0
+"""The slow-run estimate is made once, after the first step and then this many more steps or this
+many seconds of them, whichever comes first (at 49 s a step: after the second step)."""
+
+
+@dataclass
+class SlowRunCheck:
+    """One warning, early in a run, when the training left will take longer than ``limit_h`` hours:
+    a run on the wrong device, or far too big for it, says so before hours go by."""
+
+    limit_h: float | None
+    device: str = ""
+    name: str = ""
+    decided: bool = False
+
+    def check(self, progress: Progress) -> None:
+        if self.decided or not self.limit_h:
+            return
+        if progress.measured_items < SLOW_CHECK_STEPS and progress.measured_s < SLOW_CHECK_S:
+            return
+        self.decided = True
+        left_s = progress.remaining_s()
+        if not left_s > self.limit_h * 3600:
+            return
+        rate = progress.images_per_s()
+        log.warning(
+            "%sthis run is slow: at %.3g s a step%s, the %d training steps left take about %s, more than "
+            "train.slow_warning_h=%g (evaluation comes on top). %s shorten it; train.slow_warning_h=null "
+            "silences this.",
+            f"{self.name}: " if self.name else "", progress.seconds_per_item(),
+            f" ({rate:.3g} img/s)" if math.isfinite(rate) else "", progress.total - progress.done,
+            format_duration(left_s), self.limit_h,
+            "A GPU (device=cuda), fewer train.epochs or a smaller model" if self.device == "cpu"
+            else "Fewer train.epochs or a smaller model",
+        )
+
+
 def train_one_epoch(
-    loop: Loop, state: TrainState, watch: SignalWatch, monitor: GradientMonitor, rollback: NormRollback
+    loop: Loop, state: TrainState, watch: SignalWatch, monitor: GradientMonitor, rollback: NormRollback,
+    progress: Progress | None = None, slow: SlowRunCheck | None = None,
 ) -> None:
     """One pass over the loader (or what is left of it after a mid-epoch resume).
 
@@ -176,8 +224,8 @@ def train_one_epoch(
     clip = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
     window_start, window_images = time.perf_counter(), 0
     last = window_start
-    bar = tqdm(loop.loader, desc=f"epoch {state.epoch + 1}/{settings.epochs}", disable=not settings.progress, leave=False)
-    for images, targets in bar:
+    world = _world_size()
+    for images, targets in loop.loader:
         images, targets = to_device(images, targets, loop.device)
         rollback.save()
         with precision.autocast():
@@ -223,6 +271,11 @@ def train_one_epoch(
         state.train_time_s += now - last  # the agreement above already synchronised
         last = now
         window_images += len(images)
+        if progress is not None:
+            epoch = f"{state.epoch + 1}/{settings.epochs}"
+            progress.update(1, images=len(images) * world, epoch=epoch, loss=agreed.loss)
+            if slow is not None:
+                slow.check(progress)
         if state.step % settings.log_every == 0:
             synchronize(loop.device)
             elapsed = time.perf_counter() - window_start
@@ -236,7 +289,6 @@ def train_one_epoch(
                 "images_per_s": window_images / max(elapsed, 1e-9),
             }
             _log(sinks, record, state.step)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
             window_start, window_images = time.perf_counter(), 0
         if agreed.signum is not None:
             _checkpoint_and_hand_on(loop, state, watch, agreed.signum)
@@ -244,16 +296,26 @@ def train_one_epoch(
 
 def fit(loop: Loop, state: TrainState, end_of_epoch: Callable[[TrainState], None]) -> TrainState:
     """Train from ``state`` to ``settings.epochs``; checkpoint each epoch and on SIGTERM/SIGUSR1/2
-    (received by any process: all of them checkpoint at the same step)."""
+    (received by any process: all of them checkpoint at the same step). Progress goes to one bar
+    or a line every few seconds for the whole run (``settings.progress``); a run that will take
+    longer than ``settings.slow_warning_h`` says so after its first steps."""
     monitor = GradientMonitor(loop.net)
     rollback = NormRollback(loop.net)
-    with SignalWatch() as watch:
-        while state.epoch < loop.settings.epochs:
+    settings = loop.settings
+    start_epoch(loop.loader, state.epoch, state.epoch_step)
+    per_epoch = state.epoch_step + len(loop.loader)  # a resumed epoch's loader skips the steps done
+    total = per_epoch * settings.epochs
+    if state.step < total:
+        resumed = f", resuming after step {state.step}" if state.step else ""
+        log.info("training %d steps (%d epochs of %d)%s", total, settings.epochs, per_epoch, resumed)
+    slow = SlowRunCheck(settings.slow_warning_h, loop.device.type, settings.progress.name)
+    with SignalWatch() as watch, settings.progress.track("train", total, unit="step", initial=state.step) as progress:
+        while state.epoch < settings.epochs:
             start_epoch(loop.loader, state.epoch, state.epoch_step)
             if state.epoch_step == 0:
                 state.epoch_losses = []
             start = time.perf_counter()
-            train_one_epoch(loop, state, watch, monitor, rollback)
+            train_one_epoch(loop, state, watch, monitor, rollback, progress, slow)
             state.epoch += 1
             state.epoch_step = 0
             log.info(

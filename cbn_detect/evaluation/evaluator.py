@@ -16,20 +16,27 @@ from cbn_detect.evaluation.coco_metrics import evaluate_coco
 from cbn_detect.evaluation.devkit_io import write_detections
 from cbn_detect.evaluation.voc_ap import evaluate_voc
 from cbn_detect.runtime import DistInfo, gather_objects
+from cbn_detect.runtime.progress import ProgressSettings
 from cbn_detect.voc import Detections, GroundTruth
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> Detections:
-    """Detections for every image of the loader, in its (unshuffled) order, in image coordinates."""
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device, progress: ProgressSettings | None = None,
+    what: str = "eval",
+) -> Detections:
+    """Detections for every image of the loader, in its (unshuffled) order, in image coordinates.
+    ``progress``: a bar or a line every few seconds as the images go by (None: nothing)."""
     was_training = model.training
     model.eval()
     image_ids: list[str] = []
     boxes: list[np.ndarray] = []
     scores: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    shown = (progress or ProgressSettings()).track(what, len(loader.dataset), unit="image")
     for images, targets in loader:
         outputs = model([image.to(device, non_blocking=True) for image in images])
+        shown.update(len(images), images=len(images))
         for target, output in zip(targets, outputs):
             # Label 0 is background: SSD never emits it, and RetinaNet's never-trained logit 0
             # (torchvision's one-hot focal loss) can only pass a very low score_thresh.
@@ -38,6 +45,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> Detec
             boxes.append(output["boxes"].detach().cpu()[keep].double().numpy().reshape(-1, 4))
             scores.append(output["scores"].detach().cpu()[keep].double().numpy())
             labels.append(output["labels"].detach().cpu()[keep].numpy().astype(np.int64))
+    shown.close()
     model.train(was_training)
     return Detections(image_ids=image_ids, boxes=boxes, scores=scores, labels=labels)
 
@@ -71,17 +79,20 @@ def evaluate(
     coco: bool,
     detections_dir: Path | None,
     split: str,
+    progress: ProgressSettings | None = None,
 ) -> dict[str, Any] | None:
     """Scores keyed ``map_<metric>``, ``ap_per_class`` (first metric, by class) and ``coco``.
 
     Each process predicts its shard of the test set; rank 0 gathers them back into dataset order
     and scores the whole split, so the numbers equal a single-process evaluation. Other ranks get
     None. ``model`` must be the bare network, not its DDP wrapper: shards may differ in length,
-    and DDP's per-forward buffer broadcast would then wait forever.
+    and DDP's per-forward buffer broadcast would then wait forever. ``progress`` shows this
+    process's shard (only the main process reports).
     """
     indices = list(range(info.rank, len(dataset), info.world_size))
     loader = test_loader(Subset(dataset, indices), batch, workers)
-    shards = gather_objects((indices, predict(model, loader, device)), info)
+    what = "eval" if info.world_size == 1 else f"eval (shard 1 of {info.world_size})"
+    shards = gather_objects((indices, predict(model, loader, device, progress, what)), info)
     if not info.is_main:
         return None
     dets = _merge_shards(shards)

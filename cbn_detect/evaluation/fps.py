@@ -16,12 +16,15 @@ from torch.utils.data import Dataset
 
 from cbn_detect.runtime import synchronize
 from cbn_detect.runtime.errors import ConfigError
+from cbn_detect.runtime.progress import ProgressSettings
 
 
 @torch.no_grad()
 def measure_fps(
-    model: nn.Module, dataset: Dataset, device: torch.device, num_images: int, warmup: int
+    model: nn.Module, dataset: Dataset, device: torch.device, num_images: int, warmup: int,
+    progress: ProgressSettings | None = None,
 ) -> dict[str, Any]:
+    """``progress`` counts the images run (warm-up, model-only, end-to-end), outside the timed parts."""
     if num_images < 1:
         raise ConfigError(f"eval.fps_images={num_images} must be at least 1")
     was_training = model.training
@@ -29,9 +32,11 @@ def measure_fps(
     count = len(dataset)
     indices = [i % count for i in range(warmup + num_images)]
 
+    shown = (progress or ProgressSettings()).track("fps", warmup + 2 * num_images, unit="image")
     images = [dataset[i][0].as_subclass(torch.Tensor).to(device) for i in indices]
     for image in images[:warmup]:
         model([image])
+        shown.update(1, phase="warm-up")
     model_time = 0.0
     for image in images[warmup:]:
         synchronize(device)
@@ -39,6 +44,7 @@ def measure_fps(
         model([image])
         synchronize(device)
         model_time += time.perf_counter() - start
+        shown.update(1, images=1, phase="model")
 
     e2e_time = 0.0
     for i in indices[warmup:]:
@@ -48,6 +54,8 @@ def measure_fps(
         model([image])
         synchronize(device)
         e2e_time += time.perf_counter() - start
+        shown.update(1, images=1, phase="end-to-end")
+    shown.close()
     model.train(was_training)
     sample = images[0]
     return {

@@ -147,6 +147,55 @@ def read_offline_run(path: Path) -> OfflineRun:
     return run
 
 
+@dataclass
+class LoggedImage:
+    """An image a run logged: its media file (a PNG under the run's ``files/media/images/``), caption,
+    size, and its box layers as W&B stored them (``{layer: {"box_data": [...], "class_labels": {...}}}``,
+    read from the ``files/media/metadata/boxes2D/`` files the history entry points to)."""
+
+    path: Path
+    caption: str | None
+    width: int | None
+    height: int | None
+    boxes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def media_file(run: OfflineRun, relative: str) -> Path:
+    """A media file of the run (``media/images/...`` as the history names it), in whichever part's
+    ``files/`` folder holds it."""
+    for part in reversed(run.files):
+        candidate = part.parent / "files" / relative
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"media file {relative} not found beside {', '.join(map(str, run.files))}")
+
+
+def logged_images(run: OfflineRun, value: dict[str, Any]) -> list[LoggedImage]:
+    """The images of one history value: one ``wandb.Image`` (``_type: image-file``) or a list of them
+    (``images/separated``: W&B writes one PNG per distinct image, a ``filenames`` list naming each
+    entry's, and ``all_boxes`` with each entry's box layers)."""
+    kind = value.get("_type")
+    if kind == "image-file":
+        entries = [(value["path"], value.get("caption"), value.get("boxes", {}))]
+        width, height = value.get("width"), value.get("height")
+    elif kind == "images/separated":
+        count = int(value["count"])
+        captions = value.get("captions") or [None] * count
+        all_boxes = value.get("all_boxes") or [{}] * count
+        entries = list(zip(value["filenames"], captions, all_boxes))
+        width, height = value.get("width"), value.get("height")
+    else:
+        raise ValueError(f"not a logged image: _type {kind!r}")
+    images = []
+    for relative, caption, layers in entries:
+        boxes = {
+            layer: json.loads(media_file(run, ref["path"]).read_text(encoding="utf-8"))
+            for layer, ref in (layers or {}).items()
+        }
+        images.append(LoggedImage(media_file(run, relative), caption, width, height, boxes))
+    return images
+
+
 def run_id_of(path: Path) -> str:
     """``.../offline-run-20261129_182621-abc123/run-abc123.wandb`` -> ``abc123``."""
     return Path(path).stem.removeprefix("run-")

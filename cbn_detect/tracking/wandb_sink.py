@@ -36,10 +36,12 @@ import signal
 import string
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import wandb
 
 from cbn_detect.runtime import io
@@ -60,6 +62,61 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 """The signals a scheduler sends before it ends a job (those the training loop checkpoints on)."""
 
 
+@dataclass(frozen=True)
+class DetectionPicture:
+    """An image with its ground truth and detections, as W&B's box overlay shows them: ``image`` is
+    uint8 (H, W, 3); boxes are float xyxy in the image's pixels, labels 1..C (the class names'
+    order), ``gt_difficult`` flags the difficult objects."""
+
+    image: np.ndarray
+    caption: str
+    gt_boxes: np.ndarray
+    gt_labels: np.ndarray
+    gt_difficult: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+
+def box_data(
+    boxes: np.ndarray, labels: np.ndarray, class_names: Sequence[str], scores: np.ndarray | None = None,
+    difficult: np.ndarray | None = None,
+) -> list[dict[str, Any]]:
+    """W&B's ``box_data``: each box's pixel position, class id (our label), caption and score."""
+    entries = []
+    rows = np.asarray(boxes, np.float64).reshape(-1, 4).tolist()
+    for i, (box, label) in enumerate(zip(rows, np.asarray(labels).tolist())):
+        name = class_names[label - 1] if 1 <= label <= len(class_names) else str(label)
+        entry: dict[str, Any] = {
+            "position": {"minX": box[0], "minY": box[1], "maxX": box[2], "maxY": box[3]},
+            "domain": "pixel",
+            "class_id": int(label),
+        }
+        if scores is not None:
+            entry["scores"] = {"score": float(scores[i])}
+            entry["box_caption"] = f"{name} {float(scores[i]):.2f}"
+        else:
+            entry["box_caption"] = name + (" (difficult)" if difficult is not None and bool(difficult[i]) else "")
+        entries.append(entry)
+    return entries
+
+
+def wandb_image(picture: DetectionPicture, class_names: Sequence[str]) -> wandb.Image:
+    """The picture with two box layers, ``predictions`` and ``ground_truth``, toggled in W&B's viewer."""
+    class_labels = {i: name for i, name in enumerate(class_names, start=1)}
+    boxes = {
+        "predictions": {
+            "box_data": box_data(picture.boxes, picture.labels, class_names, scores=picture.scores),
+            "class_labels": class_labels,
+        },
+        "ground_truth": {
+            "box_data": box_data(picture.gt_boxes, picture.gt_labels, class_names, difficult=picture.gt_difficult),
+            "class_labels": class_labels,
+        },
+    }
+    return wandb.Image(picture.image, boxes=boxes, caption=picture.caption)
+
+
 class WandbSink:
     """One W&B run: per-step metrics at our global step, the final numbers in the run summary.
 
@@ -74,6 +131,7 @@ class WandbSink:
         self.run = run
         self._broken = False
         self._closed = False
+        self._no_images = False
         self._handed_on: dict[int, tuple[Any, Any]] = {}
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNALS:
@@ -115,6 +173,20 @@ class WandbSink:
             lambda: self.run.log({k: wandb.Histogram(v.numpy(), num_bins=64) for k, v in tensors.items()}, step=step),
             "histogram log",
         )
+
+    def log_detections(
+        self, key: str, pictures: Sequence[DetectionPicture], class_names: Sequence[str], step: int
+    ) -> None:
+        """A few test images with their ground truth and detections (box layers), at ``step``."""
+        if self._broken or self._closed or self._no_images:
+            return
+        try:
+            images = [wandb_image(p, class_names) for p in pictures]
+        except Exception as err:  # noqa: BLE001 - a picture is not worth the run's other W&B logging
+            self._no_images = True
+            log.warning("W&B images could not be made (%s: %s); this run logs no more images", type(err).__name__, err)
+            return
+        self._guard(lambda: self.run.log({key: images}, step=step), "image log")
 
     def summary(self, results: Mapping[str, Any]) -> None:
         """Make the run's summary the final numbers (not the last logged step's), flattened for W&B's table."""
