@@ -1,4 +1,5 @@
-# `make demo` runs the demo study on the built-in synthetic dataset; `make test` runs the tests.
+# `make demo` runs the demo study on the built-in synthetic dataset; `make test` runs the tests;
+# `make mutate` runs mutation testing of the numerical core (slow; not part of CI).
 # Both create .venv from requirements.txt when it is missing or out of date.
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +13,7 @@ STUDY_DIR := multirun/study/$(shell date +%Y-%m-%d_%H-%M-%S)
 endif
 DEMO_ARGS ?= norm=bn,syncbn,cbn data.batch=4,8,16 processes=2 threads=1 eval.fps_images=50 hydra.sweep.dir=$(DEMO_DIR)
 
-.PHONY: demo study test venv clean
+.PHONY: demo study test mutate venv clean
 
 venv: $(STAMP)
 
@@ -36,6 +37,14 @@ study: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# mutmut over each module of tools/mutate.py's MODULES against the fast tests listed for it, one
+# module at a time; prints the surviving mutants and a summary (.cache/mutate/summary.md).
+# MUTATE="stats voc_ap" runs some modules only; MUTATE_ARGS=--diffs shows each survivor's diff.
+MUTATE ?=
+MUTATE_ARGS ?=
+mutate: $(STAMP)
+	$(PY) tools/mutate.py $(MUTATE_ARGS) $(MUTATE)
 
 clean:
 	rm -rf $(VENV) multirun outputs

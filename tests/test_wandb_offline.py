@@ -15,7 +15,6 @@ import pytest
 from omegaconf import OmegaConf
 
 from cbn_detect.tracking.wandb_reader import read_offline_run, wait_for_run
-from cbn_detect.tracking.wandb_sink import flatten
 from tests.conftest import REPO, TINY_RUN
 
 
@@ -44,9 +43,30 @@ def test_offline_run_matches_metrics_jsonl_and_results_json(tmp_path: Path) -> N
                 assert row[key] == pytest.approx(expected, rel=1e-9, nan_ok=True), (record["step"], key)
     assert "eval/map_voc07" in rows[results["steps"]]
 
-    final = flatten(results)
-    for key in ("status", "map_voc07", "map_area", "coco/AP50", "fps/fps_model", "loss_variance", "steps"):
-        assert run.summary[key] == pytest.approx(final[key]), key
+    # The summary is results.json, every number of it, as W&B's flat "outer/inner" columns, plus the
+    # last value of each logged metric, W&B's own "_" keys and media (pictures); results.json is read
+    # here with json.
+    expected = dict(_flat_keys(results))
+    assert len(expected) > 25 and {"coco/AP50", "fps/fps_model", "ap_per_class/circle", "loss_variance"} <= set(expected)
+    logged = {key for record in records for key in record if key != "step"}
+    internal = {key for key in run.summary if key.startswith("_")}
+    media = {key for key, value in run.summary.items() if isinstance(value, dict) and "_type" in value}  # pictures
+    assert set(run.summary) == set(expected) | logged | internal | media, set(run.summary) ^ (set(expected) | logged)
+    for key, value in expected.items():
+        assert run.summary[key] == (value if not isinstance(value, float) else pytest.approx(value, rel=1e-12)), key
+    last = {key: record[key] for record in records for key in record if key != "step"}  # in step order
+    for key in logged - set(expected):  # NaN, written to metrics.jsonl as null, stays NaN in W&B
+        value = math.nan if last[key] is None else last[key]
+        assert run.summary[key] == pytest.approx(value, rel=1e-9, nan_ok=True), key
+
+
+def _flat_keys(tree: dict, prefix: str = ""):
+    """(key, value) of every leaf of a JSON object, nested keys joined by "/"."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat_keys(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
 
 
 # 128 px images make a step slow enough for the signal to land inside the run (as test_resilience).

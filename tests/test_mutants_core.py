@@ -1,0 +1,185 @@
+"""Tests that kill `make mutate`'s surviving mutants of the numerical core's plain-Python parts:
+loss variance, results.json, the report's statistics, VOC AP, devkit files, VOC boxes and
+annotations. Every expected value is known another way: a closed form, a hand computation, numpy
+on the same numbers, or a plain loop written here - never the code under test."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cbn_detect.engine.loss_stats import loss_variance
+from cbn_detect.results import Results, completed_results, read_results, results_text, write_results
+
+# --- loss variance -------------------------------------------------------------------------------
+
+
+def test_loss_variance_is_the_population_variance_by_hand() -> None:
+    # mean 1.5, squared deviations 0.25 + 2.25 + 0.25 + 2.25 = 5: 5 / 4 (the sample variance is 5 / 3)
+    assert loss_variance([1.0, 3.0, 2.0, 0.0]) == 1.25
+    assert loss_variance([5.0, 7.0]) == 1.0  # population: ((-1)^2 + 1^2) / 2; the sample one is 2
+    assert loss_variance((2.5, 2.5, 2.5)) == 0.0  # a flat loss has variance 0, not NaN
+
+
+@pytest.mark.parametrize("losses", [[], [0.7], [1.0, math.nan], [1.0, math.inf, 2.0], [-math.inf, 1.0]])
+def test_loss_variance_is_nan_for_fewer_than_two_finite_losses(losses: list[float]) -> None:
+    assert math.isnan(loss_variance(losses))
+
+
+# --- results.json --------------------------------------------------------------------------------
+
+IDENTITY = dict(model="retinanet_tiny", norm="cbn", batch=4, world_size=2, total_batch=8, seed=3, data="synthetic")
+
+
+def full_results(**changes) -> Results:
+    fields = dict(
+        status="completed", **IDENTITY,
+        map_voc07=0.123456, map_area=0.5, ap_per_class={"cat": 0.25, "dog": None}, ap_metric="area",
+        coco={"AP": 0.1, "AP50": 0.25}, fps={"fps_model": 12.345, "fps_end_to_end": 9.87, "device": "cpu", "dtype": "float32"},
+        loss_variance=0.03125, final_loss=1.5, train_time_s=100.0, epochs=2, steps=8,
+    )
+    return Results(**{**fields, **changes})
+
+
+def test_results_text_is_the_original_studys_file_line_by_line() -> None:
+    assert results_text(full_results()) == (
+        "model: retinanet_tiny\n"
+        "norm: cbn\n"
+        "batch per process: 4  world size: 2  total batch: 8\n"
+        "seed: 3\n"
+        "status: completed\n"
+        "map_voc07: 0.1235\n"
+        "map_area: 0.5000\n"
+        "loss_variance: 0.0312\n"
+        "final_loss: 1.5000\n"
+        "train_time_s: 100.0000\n"
+        "epochs: 2\n"
+        "steps: 8\n"
+        "coco: AP 0.1000  AP50 0.2500\n"
+        "fps (batch 1, cpu, float32): model 12.3  end-to-end 9.9\n"
+        "AP per class (area):\n"
+        "  cat            0.2500\n"
+        "  dog            no positives\n"
+    )
+
+
+def test_results_text_of_a_failed_run_names_the_error_and_defaults_the_ap_metric() -> None:
+    failed = Results(status="failed", **IDENTITY, error="boom", ap_per_class={"cat": 0.5})
+    assert results_text(failed).splitlines()[4:] == ["status: failed", "error: boom", "AP per class (voc07):",
+                                                      "  cat            0.5000"]
+    skipped = Results(status="skipped", **IDENTITY, reason="batch 1", map_voc07=None)
+    assert results_text(skipped).splitlines()[4:] == ["status: skipped", "reason: batch 1"]
+
+
+def test_results_round_trip_keeps_unknown_keys_and_leaves_out_what_does_not_apply(tmp_path: Path) -> None:
+    results = full_results()
+    on_disk = results.to_dict()
+    assert "extra" not in on_disk and "error" not in on_disk and "reason" not in on_disk
+    assert on_disk["schema_version"] == 1 and on_disk["ap_per_class"] == {"cat": 0.25, "dog": None}
+    newer = {**on_disk, "extra": [1], "added_later": {"x": 2}}  # a newer writer's keys, one named "extra"
+    read = Results.from_dict(newer)
+    assert read.extra == {"extra": [1], "added_later": {"x": 2}}
+    assert read.map_voc07 == 0.123456 and read.to_dict() == newer
+
+
+def test_results_written_before_the_schema_had_a_version_read_as_version_0(tmp_path: Path) -> None:
+    old = Results.from_dict({"status": "completed", "map_voc07": 0.5})
+    assert old.schema_version == 0 and old.model is None and old.extra == {}
+    (tmp_path / "results.json").write_text(json.dumps({"status": "completed", "model": "ssd300"}))
+    assert read_results(tmp_path).schema_version == 0
+
+
+def test_only_a_completed_run_counts_as_completed(tmp_path: Path) -> None:
+    assert completed_results(tmp_path) is None  # no file yet
+    for status in ("failed", "diverged", "interrupted", "skipped", "COMPLETED"):
+        write_results(tmp_path, full_results(status=status))
+        assert completed_results(tmp_path) is None, status
+    write_results(tmp_path, full_results())
+    found = completed_results(tmp_path)
+    assert found is not None and found.status == "completed" and found.map_voc07 == 0.123456
+    assert (tmp_path / "results_batch_4.txt").read_text() == results_text(found)
+
+
+def test_an_unreadable_results_json_is_named_with_its_error_type(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "results.json"
+    path.write_text('{"status": ')
+    caplog.set_level(logging.WARNING, logger="cbn_detect.results")
+    assert completed_results(tmp_path) is None
+    message = caplog.records[-1].getMessage()
+    assert message.startswith(f"{path} cannot be read (JSONDecodeError: ")
+    assert message.endswith("; counting the job as not completed")
+    caplog.clear()
+    assert completed_results(tmp_path, warn=False) is None and not caplog.records
+    path.write_bytes('{"status": "completed", "model": "r\u00e9tina"}'.encode("utf-8"))
+    assert read_results(tmp_path).model == "r\u00e9tina"
+
+
+# --- the report's statistics (stats.py) ----------------------------------------------------------
+
+from cbn_detect import stats  # noqa: E402
+
+
+def test_an_estimate_carries_its_confidence_whatever_its_size() -> None:
+    for values in ([], [0.5], [0.5, 0.7]):
+        assert stats.estimate(values).confidence == 0.95
+        assert stats.estimate(values, confidence=0.9).confidence == 0.9
+
+
+def test_paired_differences_go_on_past_a_seed_the_baseline_lacks() -> None:
+    assert stats.paired_differences({7: 0.5, 1: 0.75, 2: 0.25}, {1: 0.5, 2: 0.5}) == {1: 0.25, 2: -0.25}
+
+
+def test_t_cdf_matches_the_cauchy_closed_form_on_both_sides() -> None:
+    # df = 1: P(T <= t) = 1/2 + atan(t) / pi
+    for t in (-3.0, -1.0, -0.25, 0.0, 0.25, 0.5, 0.999, 1.0, 4.0):
+        assert stats.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-13), t
+    assert stats.t_upper_tail(0.0, 3) == 0.5
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: stats.t_upper_tail(-0.5, 3), "t must be >= 0, got -0.5"),
+        (lambda: stats.t_quantile(0.0, 3), r"p must lie in \(0, 1\), got 0.0"),
+        (lambda: stats.t_quantile(0.9, 0), "df must be positive, got 0"),
+        (lambda: stats.regularized_incomplete_beta(1.5, 1, 1), r"x must lie in \[0, 1\], got 1.5"),
+        (lambda: stats.regularized_incomplete_beta(0.5, 0, 1), "a and b must be positive, got a=0, b=1"),
+        (lambda: stats.regularized_incomplete_beta(0.5, 1, 0), "a and b must be positive, got a=1, b=0"),
+    ],
+)
+def test_each_domain_error_names_the_bad_value(call, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_the_continued_fraction_needs_few_terms_on_the_side_it_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With its term budget cut to 40, I_x(df/2, 1/2) for the t tails of 1..1e6 degrees of freedom is
+    still exact: each side of the switch point uses the fraction where it converges fast (on the
+    wrong side some need thousands of terms). References: I_x(a, 1) = x^a, I_x(1, b) = 1 - (1-x)^b,
+    I_x(1/2, 1/2) = 2 asin(sqrt(x)) / pi, and the t tail of df = 2, P(T > t) = (1 - t / sqrt(t^2 + 2)) / 2."""
+    monkeypatch.setattr(stats, "_CF_MAX_ITER", 40)
+    for x in (1e-9, 0.01, 0.3, 0.5, 0.7, 0.99, 1 - 1e-9):
+        assert stats.regularized_incomplete_beta(x, 3.5, 1.0) == pytest.approx(x**3.5, rel=1e-12, abs=1e-300)
+        assert stats.regularized_incomplete_beta(x, 1.0, 2.5) == pytest.approx(1 - (1 - x) ** 2.5, rel=1e-12)
+        arcsine = 2 * math.asin(math.sqrt(x)) / math.pi if x <= 0.5 else 1 - 2 * math.asin(math.sqrt(1 - x)) / math.pi
+        assert stats.regularized_incomplete_beta(x, 0.5, 0.5) == pytest.approx(arcsine, rel=1e-12)
+    for t in (0.001, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0, 1000.0):
+        assert stats.t_upper_tail(t, 2) == pytest.approx((1 - t / math.sqrt(t * t + 2)) / 2, rel=1e-10), t
+        assert stats.t_upper_tail(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, rel=1e-10), t
+        for df in (3, 10, 100, 1e4, 1e6):
+            assert 0.0 <= stats.t_upper_tail(t, df) < 0.5  # no ArithmeticError: converged within the budget
+
+
+def test_the_continued_fraction_gives_up_after_its_term_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    # I_0.3(2, 3) = sum_{j=2..4} C(4, j) 0.3^j 0.7^(4-j) = 0.2646 + 0.0756 + 0.0081; the fraction
+    # converges at its third term, so a budget of 3 terms suffices and one of 2 does not.
+    monkeypatch.setattr(stats, "_CF_MAX_ITER", 3)
+    assert stats.regularized_incomplete_beta(0.3, 2.0, 3.0) == pytest.approx(0.3483, rel=1e-13)
+    monkeypatch.setattr(stats, "_CF_MAX_ITER", 2)
+    with pytest.raises(ArithmeticError, match=r"did not converge for x=0.3, a=2.0, b=3.0"):
+        stats.regularized_incomplete_beta(0.3, 2.0, 3.0)

@@ -1,0 +1,101 @@
+"""Detectors against torchvision's own modules with the same weights, where our docstrings claim
+torchvision's behaviour: SSD's pre-processing (resize, ImageNet normalisation), default boxes,
+matching, loss and post-processing. Kills `make mutate`'s surviving mutants of models/ssd.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+from torchvision.models.detection.ssd import SSD, SSDHead
+
+from cbn_detect.models.ssd import ResNetFeatureMaps, build_ssd
+from cbn_detect.norm import convert_norm
+
+# Written out here, not imported: the values SSD300 and torchvision use.
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+# ResNet stages 2-4 give 3 maps at 300 px (38, 19, 10); these three make the 5, 3 and 1 px ones.
+EXTRAS = [
+    {"mid": 8, "out": 16, "kernel": 3, "stride": 2, "padding": 1},
+    {"mid": 8, "out": 16, "kernel": 3, "stride": 1, "padding": 0},
+    {"mid": 8, "out": 16, "kernel": 3, "stride": 1, "padding": 0},
+]
+NUM_CLASSES = 3
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def torchvision_ssd_like(ours: nn.Module) -> SSD:
+    """torchvision's SSD300 recipe (Liu et al. 2016: VOC default boxes, 3:1 hard negatives,
+    IoU 0.5 matching, ImageNet normalisation, score 0.01 / NMS 0.45 / top 200 of 400) on our
+    backbone, with a plain torchvision SSDHead holding our predictors' weights."""
+    anchors = DefaultBoxGenerator(
+        [[2], [2, 3], [2, 3], [2, 3], [2], [2]],
+        scales=[0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 1.05],
+        steps=[8, 16, 32, 64, 100, 300],
+    )
+    channels = [8, 16, 32, 16, 16, 16]  # resnet10 (basic blocks) at width 4: stages 2-4 give 8, 16, 32
+    head = SSDHead(channels, anchors.num_anchors_per_location(), NUM_CLASSES + 1)
+    theirs = SSD(
+        ours.backbone, anchors, (300, 300), NUM_CLASSES + 1, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+        head=head, score_thresh=0.01, nms_thresh=0.45, detections_per_img=200, iou_thresh=0.5,
+        topk_candidates=400, positive_fraction=0.25,
+    )
+    with torch.no_grad():
+        for name in ("classification_head", "regression_head"):
+            for theirs_conv, our_block in zip(getattr(head, name).module_list, getattr(ours.head, name).module_list):
+                # with the norm "none" each of our predictor blocks is (conv with bias, Identity)
+                assert isinstance(our_block[1], nn.Identity) and our_block[0].bias is not None
+                theirs_conv.weight.copy_(our_block[0].weight)
+                theirs_conv.bias.copy_(our_block[0].bias.normal_())  # a non-zero bias, on both
+    return theirs
+
+
+@pytest.fixture(scope="module")
+def ssd_pair() -> tuple[nn.Module, SSD]:
+    torch.manual_seed(0)
+    ours = build_ssd(NUM_CLASSES, ResNetFeatureMaps("resnet10", 4), EXTRAS)
+    ours = convert_norm(ours, "none", where=["backbone", "head"])
+    return ours, torchvision_ssd_like(ours)
+
+
+IMAGES = [torch.rand(3, 120, 200, generator=torch.Generator().manual_seed(1)),
+          torch.rand(3, 90, 70, generator=torch.Generator().manual_seed(2))]
+
+
+def test_ssd_with_no_norm_detects_exactly_as_torchvisions_ssd(ssd_pair) -> None:
+    ours, theirs = ssd_pair
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        got, expected = ours(IMAGES), theirs(IMAGES)
+    for g, e, image in zip(got, expected, IMAGES):
+        assert len(e["boxes"]) > 0  # the comparison is about real detections
+        assert len(g["boxes"]) == len(e["boxes"]) <= 200
+        torch.testing.assert_close(g["boxes"], e["boxes"], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(g["scores"], e["scores"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(g["labels"], e["labels"])
+        # in the input image's frame, labels 1..num_classes
+        height, width = image.shape[-2:]
+        assert g["boxes"][:, 2].max() <= width and g["boxes"][:, 3].max() <= height
+        assert g["labels"].min() >= 1 and g["labels"].max() <= NUM_CLASSES and g["scores"].min() > 0.01
+
+
+def test_ssd_with_no_norm_has_torchvisions_training_losses(ssd_pair) -> None:
+    ours, theirs = ssd_pair
+    ours.train(), theirs.train()
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20.0, 90.0, 100.0], [120.0, 5.0, 190.0, 60.0]]), "labels": torch.tensor([1, 3])},
+        {"boxes": torch.tensor([[5.0, 5.0, 60.0, 80.0]]), "labels": torch.tensor([2])},
+    ]
+    got, expected = ours(IMAGES, targets), theirs(IMAGES, targets)
+    assert set(got) == set(expected) == {"bbox_regression", "classification"}
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)

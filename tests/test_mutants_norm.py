@@ -1,0 +1,232 @@
+"""Tests that kill `make mutate`'s surviving mutants of the norm layers (SyncBN, BRN, CBN).
+
+SyncBN's multi-rank path runs here in one process: two threads play two ranks, exchanging their
+statistics through a stand-in for ``torch.distributed.all_gather`` (the real two-process runs are
+in test_norm_distributed.py, whose code in child processes no mutation tool can see). References
+are BatchNorm's formula on the pooled values of both shards, differentiated by autograd."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cbn_detect.norm import BatchRenorm2d
+from cbn_detect.norm.syncbn import SyncBatchNorm2d
+
+F64 = torch.float64
+
+
+class FakeRank:
+    """A process group of one rank of a threaded two-rank world."""
+
+    def __init__(self, rank: int, exchange: "ThreadedAllGather") -> None:
+        self.rank, self.exchange = rank, exchange
+
+
+class ThreadedAllGather:
+    """``dist.all_gather`` between threads: each deposits its tensor, all wait, all read."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.slots: list[torch.Tensor | None] = [None] * world
+        self.barrier = threading.Barrier(world, timeout=30)
+        self.calls = 0
+
+    def __call__(self, out: list[torch.Tensor], tensor: torch.Tensor, group: FakeRank) -> None:
+        assert len(out) == self.world and all(o.shape == tensor.shape and o.dtype == tensor.dtype for o in out)
+        self.slots[group.rank] = tensor.clone()
+        self.barrier.wait()
+        for target, source in zip(out, self.slots):
+            target.copy_(source)
+        self.calls += 1
+        self.barrier.wait()  # nobody overwrites a slot before everyone has read it
+
+
+@pytest.fixture
+def threaded_world(monkeypatch: pytest.MonkeyPatch) -> ThreadedAllGather:
+    exchange = ThreadedAllGather(2)
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: exchange.world)
+    monkeypatch.setattr(dist, "all_gather", exchange)
+    return exchange
+
+
+def run_ranks(fn, world: int = 2) -> list:
+    results: list = [None] * world
+    errors: list[BaseException] = []
+
+    def target(rank: int) -> None:
+        try:
+            results[rank] = fn(rank)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=target, args=(rank,)) for rank in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+# Unequal shards: different batch and spatial sizes, as a detector's ranks pad their own images.
+SHAPES = ((3, 2, 5, 4), (1, 2, 3, 6))
+WEIGHT, BIAS = torch.tensor([1.5, -0.5], dtype=F64), torch.tensor([0.25, 2.0], dtype=F64)
+
+
+def shard(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7 + rank)
+    x = torch.randn(SHAPES[rank], generator=g, dtype=F64) * torch.tensor([3.0, 0.5], dtype=F64).view(1, 2, 1, 1)
+    return x + torch.tensor([1.0, -4.0], dtype=F64).view(1, 2, 1, 1), torch.randn(SHAPES[rank], generator=g, dtype=F64)
+
+
+def make_syncbn(rank: int, exchange: ThreadedAllGather, momentum: float = 0.25) -> SyncBatchNorm2d:
+    norm = SyncBatchNorm2d(2, eps=1e-3, momentum=momentum, process_group=FakeRank(rank, exchange)).double()
+    with torch.no_grad():
+        norm.weight.copy_(WEIGHT)
+        norm.bias.copy_(BIAS)
+        norm.running_mean.fill_(0.5)
+        norm.running_var.fill_(2.0)
+    return norm
+
+
+def pooled_reference() -> dict[str, object]:
+    """BatchNorm on every value of both shards pooled per channel, and its autograd gradients of
+    L = sum over ranks of <g_r, out_r>."""
+    shards = [shard(rank) for rank in range(2)]
+    xs = [x.clone().requires_grad_() for x, _ in shards]
+    weight, bias = WEIGHT.clone().requires_grad_(), BIAS.clone().requires_grad_()
+    pooled = torch.cat([x.transpose(0, 1).reshape(2, -1) for x in xs], dim=1)  # (C, all values)
+    mean = pooled.mean(1)
+    var = ((pooled - mean[:, None]) ** 2).mean(1)
+    outs = [(x - mean.view(1, 2, 1, 1)) / torch.sqrt(var.view(1, 2, 1, 1) + 1e-3) * weight.view(1, 2, 1, 1)
+            + bias.view(1, 2, 1, 1) for x in xs]
+    sum((out * g).sum() for out, (_, g) in zip(outs, shards)).backward()
+    n = pooled.shape[1]
+    return {"outs": [o.detach() for o in outs], "x_grads": [x.grad for x in xs], "w_grad": weight.grad,
+            "b_grad": bias.grad, "mean": mean.detach(), "var": var.detach(), "n": n}
+
+
+def test_syncbn_on_two_threaded_ranks_of_unequal_shards_is_bn_on_the_pooled_values(threaded_world) -> None:
+    def rank_step(rank: int) -> dict[str, object]:
+        x, g = shard(rank)
+        x.requires_grad_()
+        norm = make_syncbn(rank, threaded_world)
+        out = norm(x)
+        (out * g).sum().backward()
+        return {"out": out.detach(), "x_grad": x.grad, "w_grad": norm.weight.grad, "b_grad": norm.bias.grad,
+                "running_mean": norm.running_mean.clone(), "running_var": norm.running_var.clone(),
+                "steps": int(norm.num_batches_tracked)}
+
+    got = run_ranks(rank_step)
+    ref = pooled_reference()
+    assert ref["n"] == 3 * 5 * 4 + 1 * 3 * 6  # the shards differ: 2 x either count would be wrong
+    assert threaded_world.calls == 2 * 2  # one all-gather forward and one backward per rank
+    for rank in range(2):
+        torch.testing.assert_close(got[rank]["out"], ref["outs"][rank], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[rank]["x_grad"], ref["x_grads"][rank], rtol=1e-10, atol=1e-12)
+        # running statistics: BatchNorm's update with the pooled mean and unbiased pooled variance
+        n = ref["n"]
+        torch.testing.assert_close(got[rank]["running_mean"], 0.75 * 0.5 + 0.25 * ref["mean"], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[rank]["running_var"], 0.75 * 2.0 + 0.25 * ref["var"] * n / (n - 1), rtol=1e-12, atol=1e-12)
+        assert got[rank]["steps"] == 1
+    # the affine gradients stay local to each rank (DDP sums them): their sum is the joint one
+    torch.testing.assert_close(got[0]["w_grad"] + got[1]["w_grad"], ref["w_grad"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[0]["b_grad"] + got[1]["b_grad"], ref["b_grad"], rtol=1e-10, atol=1e-12)
+    # ... and each is its own shard's part, not the joint sum
+    x0, g0 = shard(0)
+    x_hat0 = (x0 - ref["mean"].view(1, 2, 1, 1)) / torch.sqrt(ref["var"].view(1, 2, 1, 1) + 1e-3)
+    torch.testing.assert_close(got[0]["b_grad"], g0.sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0]["w_grad"], (g0 * x_hat0).sum((0, 2, 3)), rtol=1e-10, atol=1e-12)
+
+
+def test_threaded_syncbn_without_affine_gradients_and_in_float32(threaded_world) -> None:
+    """Frozen affine parameters get no gradient; a float32 input gives a float32 output computed
+    in float64-accurate statistics within float32 rounding."""
+
+    def rank_step(rank: int) -> tuple[torch.Tensor, torch.Tensor, object]:
+        x, g = shard(rank)
+        norm = make_syncbn(rank, threaded_world).float()
+        norm.weight.requires_grad_(False)
+        norm.bias.requires_grad_(False)
+        xf = x.float().requires_grad_()
+        out = norm(xf)
+        (out * g.float()).sum().backward()
+        return out.detach(), xf.grad, norm.weight.grad
+
+    got = run_ranks(rank_step)
+    ref = pooled_reference()
+    for rank in range(2):
+        out, grad, w_grad = got[rank]
+        assert out.dtype == torch.float32 and grad.dtype == torch.float32 and w_grad is None
+        torch.testing.assert_close(out.double(), ref["outs"][rank], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.double(), ref["x_grads"][rank], rtol=1e-4, atol=1e-5)
+
+
+def test_syncbn_in_eval_mode_uses_running_statistics_without_any_exchange(threaded_world) -> None:
+    norm = make_syncbn(0, threaded_world).eval()
+    x, _ = shard(0)
+    expected = (x - 0.5) / torch.sqrt(torch.tensor(2.0 + 1e-3, dtype=F64)) * WEIGHT.view(1, 2, 1, 1) + BIAS.view(1, 2, 1, 1)
+    torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
+    assert threaded_world.calls == 0
+
+
+def test_syncbn_with_one_process_is_torchs_batchnorm() -> None:
+    x, _ = shard(0)
+    ours, theirs = SyncBatchNorm2d(2, momentum=0.3).double(), nn.BatchNorm2d(2, momentum=0.3).double()
+    for _ in range(2):
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=0, atol=0)
+
+
+# --- BRN -----------------------------------------------------------------------------------------
+
+
+def test_brn_clipping_limits_ramp_linearly_between_start_and_end() -> None:
+    brn = BatchRenorm2d(1, r_max=3.0, d_max=5.0, ramp_start=10, ramp_end=20)
+    for step, (r_max, d_max) in {0: (1.0, 0.0), 10: (1.0, 0.0), 12: (1.4, 1.0), 15: (2.0, 2.5), 20: (3.0, 5.0), 99: (3.0, 5.0)}.items():
+        brn.num_batches_tracked.fill_(step)
+        got = brn.current_limits()
+        assert (got[0].item(), got[1].item()) == pytest.approx((r_max, d_max), abs=1e-6), step
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(r_max=0.99), dict(d_max=-0.1), dict(ramp_start=-1), dict(ramp_start=5, ramp_end=5), dict(ramp_start=6, ramp_end=5)],
+)
+def test_brn_refuses_limits_that_are_not_a_ramp(options: dict) -> None:
+    from cbn_detect.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="BRN needs norm.r_max >= 1"):
+        BatchRenorm2d(2, **options)
+
+
+def test_brn_accepts_the_edges_of_its_limits() -> None:
+    brn = BatchRenorm2d(2, r_max=1.0, d_max=0.0, ramp_start=0, ramp_end=1)
+    assert (brn.r_max, brn.d_max, brn.ramp_start, brn.ramp_end) == (1.0, 0.0, 0, 1)
+
+
+def test_brn_after_its_ramp_in_float16_normalises_with_float32_statistics() -> None:
+    """Past the ramp with running statistics equal to the batch's, r = 1 and d = 0: the output is
+    BatchNorm's on the float32 values, returned in float16; running statistics as nn.BatchNorm2d."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 2, 3, 3) * 3 + 1).half()
+    xf = x.float()
+    var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+    brn = BatchRenorm2d(2, momentum=0.5, ramp_start=0, ramp_end=1)
+    brn.num_batches_tracked.fill_(5)
+    brn.running_mean.copy_(mean)
+    brn.running_var.copy_(var)
+    out = brn(x)
+    assert out.dtype == torch.float16
+    expected = (xf - mean.view(1, 2, 1, 1)) / torch.sqrt(var.view(1, 2, 1, 1) + brn.eps)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(brn.running_var, var * 0.5 + var * (36 / 35) * 0.5)
+    assert brn.running_mean.dtype == torch.float32 and int(brn.num_batches_tracked) == 6
