@@ -297,5 +297,7 @@ def test_diagnostics_report_dropped_entries_and_window():
     diag = norm_diagnostics(model)
     assert diag["norm/1/dropped"] == 1.0
     assert diag["norm/1/effective_window"] == 1.0
-    assert diag["norm/1/taylor_rel"] == 0.0  # no optimizer step: the weights did not move
+    # No optimizer step, the weights did not move: the Taylor term is rounding only (the stored
+    # offset W_s.g is E[y] of the conv output, W_t.g a contraction: equal up to fp32 rounding).
+    assert diag["norm/1/taylor_rel"] < 1e-5
     assert diag["norm/1/running_var"] > 0

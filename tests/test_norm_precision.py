@@ -260,3 +260,17 @@ def test_subtraction_form_of_taylor_term_loses_about_one_digit_in_fp32():
     assert (error / magnitude).max() < 1e-6
     assert (error / exact.abs()).median() < 2e-3
     assert ((diff.double() - exact).abs() / exact.abs()).median() < 2e-4  # the reference form, for scale
+
+
+@pytest.mark.parametrize(("bias", "groups"), [(False, 1), (True, 1), (True, 2)])
+def test_stored_offsets_equal_the_contraction_with_the_weight_of_then(bias, groups):
+    """The per-channel offsets a CBN entry stores in closed form (from E[y] and E[y^2] of the conv's
+    own output) are ``W_s . patch_s`` and ``W_s . dsq_s`` computed by contraction in float64."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, stride=2, bias=bias, groups=groups).double()
+    model = convert_norm(nn.Sequential(conv, nn.BatchNorm2d(6).double()), "cbn", window=3, burnin=0)
+    model(torch.randn(3, 4, 9, 9, dtype=F64) + 0.5)
+    history = model[1].get_extra_state()["history"]
+    offsets = taylor_products(conv.weight.detach(), history["patch"][:1], history["dsq"][:1], groups)[0]
+    torch.testing.assert_close(history["wpatch"][0], offsets[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(history["wdsq"][0], offsets[1], rtol=1e-10, atol=1e-12)

@@ -230,18 +230,27 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
 
     def _push(self, res: WindowResult, y: Tensor, conv_input: Tensor | None) -> None:
         """Write this step's entry in place (``out=``): no copy of the weight, one kernel per field
-        (the derivative is written by the multiply that scales it)."""
+        (the derivative is written by the multiply that scales it).
+
+        The offsets ``W_s . patch_s`` and ``W_s . dsq_s`` need no contraction: y = W_s * x + b
+        is the conv's own output, so ``W_s . patch_s = E[y] - b`` and ``W_s . dsq_s =
+        2/M sum y (y - b) = 2 (E[y^2] - b E[y])``, per channel, from the statistics just stored
+        (equal to the contraction up to rounding; tests/test_norm_cbn.py checks both)."""
         slot, history = self._next, self._history
         stats = history["stats"][slot]
         stats[0].copy_(res.cur_mean)
         torch.addcmul(res.cur_var, res.cur_mean, res.cur_mean, out=stats[1])
         if self.needs_producer:
+            conv = self._link.conv
             mean_input_patch(conv_input, self._geom, tuple(y.shape[-2:]), out=history["patch"][slot])
-            sq_weight_grad(conv_input, y, self._geom, out=history["dsq"][slot])
-            taylor_products(
-                self._link.conv.weight.detach(), history["patch"][slot : slot + 1], history["dsq"][slot : slot + 1],
-                self._geom.groups, out=stats[2:],
-            )
+            sq_weight_grad(conv_input, y, self._geom, out=history["dsq"][slot], weight=conv.weight)
+            if conv.bias is None:
+                stats[2].copy_(stats[0])
+                torch.mul(stats[1], 2.0, out=stats[3])
+            else:
+                bias = conv.bias.detach().to(stats.dtype)
+                torch.sub(stats[0], bias, out=stats[2])
+                torch.addcmul(stats[1], bias, stats[0], value=-1.0, out=stats[3]).mul_(2.0)
         self._next = (slot + 1) % (self.window - 1)
         self._count = min(self._count + 1, self.window - 1)
 

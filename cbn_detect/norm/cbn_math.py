@@ -12,9 +12,10 @@ is ``x`` and weight ``w`` (C, Cin/groups, kh, kw). History tensors carry a leadi
 The Taylor compensation of a stored statistic s (the mean or E[y^2] of a past batch, stored with
 its derivative g = ds/dW under the weight W_s of then) to the current weight W_t is
 ``s + (W_t - W_s) . g = s + W_t . g - W_s . g``. The stored entry keeps ``W_s . g`` (one number per
-channel, computed when the entry is written) instead of a copy of W_s, so the history holds one
-weight-shaped tensor per slot (d E[y^2]/dW) and the contraction with W_t is one batched matmul over
-all slots. The price is a subtraction of two nearly equal numbers: the correction carries an
+channel, known in closed form when the entry is written: ``E[y] - b`` and ``2 (E[y^2] - b E[y])``
+for y = W_s * x + b, see ``CrossIterationBatchNorm2d._push``) instead of a copy of W_s, so the
+history holds one weight-shaped tensor per slot (d E[y^2]/dW) and the contraction with W_t is one
+batched matmul over all slots. The price is a subtraction of two nearly equal numbers: the correction carries an
 absolute error of a few fp32 roundings of |W . g| (about |s|), instead of a few roundings of
 |(W_t - W_s) . g| (see tests/test_norm_precision.py for the measured digits).
 """
@@ -122,12 +123,16 @@ def mean_input_patch(
     return torch.div(cols, x.shape[0] * ho * wo, out=out)
 
 
-def sq_weight_grad(x: Tensor, y: Tensor, geom: ConvGeometry, out: Tensor | None = None) -> Tensor:
+def sq_weight_grad(
+    x: Tensor, y: Tensor, geom: ConvGeometry, out: Tensor | None = None, weight: Tensor | None = None
+) -> Tensor:
     """d E[y_c^2] / d w_c = conv2d_weight(x, 2 y / M): one weight-gradient convolution.
 
     Computed in the conv's own compute dtype (fp16/bf16 under autocast, where x may still be fp32:
     the low-precision convolution is the fast one on GPU) and returned in the statistics dtype of y
-    (into ``out`` if given, scaled on the way: no further copy).
+    (into ``out`` if given, scaled on the way: no further copy). ``weight``: the conv's weight, if
+    at hand; only its shape and layout are read, but oneDNN takes a slower path (2-3x on the small
+    maps of a ResNet's last stage) for the stride-0 stand-in used without it.
     """
     m = y.shape[0] * y.shape[2] * y.shape[3]
     x, y = x.detach(), y.detach()
@@ -143,9 +148,10 @@ def sq_weight_grad(x: Tensor, y: Tensor, geom: ConvGeometry, out: Tensor | None 
         x, y, after = (x * scale).to(y.dtype), y * scale, 1.0
     else:
         x, after = x.to(y.dtype), 2.0 / m
-    placeholder = y.new_empty(1).expand(geom.weight_shape)
+    if weight is None or weight.dtype != y.dtype:
+        weight = y.new_empty(1).expand(geom.weight_shape)
     grad = torch.ops.aten.convolution_backward(
-        y, x, placeholder, None, geom.stride, geom.padding, geom.dilation, False, [0], geom.groups,
+        y, x, weight.detach(), None, geom.stride, geom.padding, geom.dilation, False, [0], geom.groups,
         (False, True, False),
     )[1]
     if out is None:
