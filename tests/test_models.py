@@ -67,13 +67,27 @@ def test_training_forward_gives_finite_focal_and_box_losses() -> None:
 
 
 def test_inference_returns_boxes_in_the_original_image_frame() -> None:
+    """A hand-set head that detects for sure: zero classification weights and bias +3 on class 2
+    only (score sigmoid(3) at every anchor), zero box deltas (each box is its anchor). The 50 x 90
+    image is resized to 36 x 64 inside the model; the boxes come back clipped to the 90 x 50 frame
+    of the input, and the largest anchors reach its borders."""
     model = build_retinanet(num_classes=3, **TINY).eval()
+    cls_head, reg_head = model.head.classification_head, model.head.regression_head
     with torch.no_grad():
+        cls_head.cls_logits.weight.zero_()
+        cls_head.cls_logits.bias.fill_(-10.0)
+        cls_head.cls_logits.bias.view(-1, 4)[:, 2] = 3.0  # (A*K,) -> (A, K): class 2 of every anchor
+        reg_head.bbox_reg.weight.zero_()
+        reg_head.bbox_reg.bias.zero_()
         out = model([torch.rand(3, 50, 90)])[0]
-    assert out["boxes"].shape[1] == 4
-    if len(out["boxes"]):
-        assert out["boxes"][:, 2].max() <= 90 and out["boxes"][:, 3].max() <= 50
-        assert out["labels"].min() >= 0 and out["labels"].max() <= 3
+    assert len(out["boxes"]) > 10 and out["boxes"].shape[1] == 4
+    assert torch.equal(out["labels"], torch.full_like(out["labels"], 2))
+    torch.testing.assert_close(out["scores"], torch.full_like(out["scores"], torch.sigmoid(torch.tensor(3.0)).item()))
+    boxes = out["boxes"]
+    assert boxes[:, :2].min() == 0.0 and boxes[:, 2].max() == 90.0 and boxes[:, 3].max() == 50.0
+    # anchors over the padding below the image clip to empty boxes on its border, as torchvision's
+    assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+    assert boxes.max() <= 90.0 and boxes[:, 1::2].max() <= 50.0
 
 
 def test_mismatched_anchor_sizes_name_the_setting() -> None:

@@ -99,3 +99,82 @@ def test_ssd_with_no_norm_has_torchvisions_training_losses(ssd_pair) -> None:
     assert set(got) == set(expected) == {"bbox_regression", "classification"}
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+# --- RetinaNet -----------------------------------------------------------------------------------
+
+from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
+from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead  # noqa: E402
+
+from cbn_detect.models import build_retinanet  # noqa: E402
+
+# Non-default values everywhere, so that a setting our builder forgot to pass on shows.
+RETINA = dict(
+    depth="resnet10", base_width=8, fpn_channels=16, returned_stages=(2, 3, 4), head_convs=4,
+    min_size=72, max_size=100, score_thresh=0.2, nms_thresh=0.3, detections_per_img=40, topk_candidates=60,
+    fg_iou_thresh=0.45, bg_iou_thresh=0.35, prior_probability=0.2,
+)
+
+
+def retinanet_pair(extra_levels: str, anchor_sizes: tuple[int, ...]) -> tuple[nn.Module, RetinaNet]:
+    """Our RetinaNet with no norm in its head, and torchvision's RetinaNet (its own head, which has
+    4 shared convs with bias and no norm, its own per-image loss and post-processing) on the same
+    backbone with our head's weights; anchors written out here: per level size * 2^(i/3), i < 3,
+    at aspect ratios 0.5, 1, 2 (Lin et al. 2017)."""
+    torch.manual_seed(0)
+    ours = build_retinanet(NUM_CLASSES, extra_levels=extra_levels, anchor_sizes=anchor_sizes, **RETINA)
+    # prior probability p: the classification bias starts at -log((1 - p) / p) (the paper's init)
+    prior = ours.head.classification_head.cls_logits.bias
+    torch.testing.assert_close(prior, torch.full_like(prior, -float(torch.log(torch.tensor(0.8 / 0.2)))))
+    ours = convert_norm(ours, "none", where=["backbone", "fpn", "head"])
+    anchors = AnchorGenerator(
+        tuple(tuple(s * 2 ** (i / 3) for i in range(3)) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes)
+    )
+    head = RetinaNetHead(RETINA["fpn_channels"], 9, NUM_CLASSES + 1, norm_layer=None)
+    theirs = RetinaNet(
+        ours.backbone, NUM_CLASSES + 1, min_size=72, max_size=100, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+        anchor_generator=anchors, head=head, score_thresh=0.2, nms_thresh=0.3, detections_per_img=40,
+        fg_iou_thresh=0.45, bg_iou_thresh=0.35, topk_candidates=60,
+    )
+    with torch.no_grad():
+        for name in ("classification_head", "regression_head"):
+            our_head, their_head = getattr(ours.head, name), getattr(head, name)
+            assert len(our_head.conv.conv) == len(their_head.conv) == 4
+            for our_conv, their_block in zip(our_head.conv.conv, their_head.conv):
+                # "none": each tower conv got a bias back (zero), its per-level norms are Identity
+                assert our_conv.bias is not None and all(isinstance(n[0], nn.Identity) for n in [our_head.conv.norms[0]])
+                their_block[0].weight.copy_(our_conv.weight)
+                their_block[0].bias.copy_(our_conv.bias.normal_(std=0.1))
+            last = "cls_logits" if name == "classification_head" else "bbox_reg"
+            getattr(their_head, last).weight.copy_(getattr(our_head, last).weight.normal_(std=0.3))
+            getattr(their_head, last).bias.copy_(getattr(our_head, last).bias.normal_())
+    return ours, theirs
+
+
+RETINA_IMAGES = [torch.rand(3, 50, 90, generator=torch.Generator().manual_seed(3)),
+                 torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(4))]
+
+
+@pytest.mark.parametrize("extra_levels, anchor_sizes", [("p6p7", (8, 16, 32, 64, 128)), ("none", (16, 32, 64))])
+def test_retinanet_with_no_norm_detects_and_learns_exactly_as_torchvisions(extra_levels, anchor_sizes) -> None:
+    ours, theirs = retinanet_pair(extra_levels, anchor_sizes)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        got, expected = ours(RETINA_IMAGES), theirs(RETINA_IMAGES)
+    for g, e, image in zip(got, expected, RETINA_IMAGES):
+        assert 0 < len(e["boxes"]) <= 40  # real detections, cut at detections_per_img
+        assert len(g["boxes"]) == len(e["boxes"])
+        torch.testing.assert_close(g["boxes"], e["boxes"], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(g["scores"], e["scores"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(g["labels"], e["labels"])
+        height, width = image.shape[-2:]  # in the input image's frame, not the resized one
+        assert g["boxes"][:, 2].max() <= width and g["boxes"][:, 3].max() <= height and g["scores"].min() > 0.2
+    ours.train(), theirs.train()
+    targets = [
+        {"boxes": torch.tensor([[10.0, 5.0, 60.0, 45.0], [70.0, 10.0, 88.0, 30.0]]), "labels": torch.tensor([1, 3])},
+        {"boxes": torch.tensor([[5.0, 5.0, 40.0, 60.0]]), "labels": torch.tensor([2])},
+    ]
+    got, expected = ours(RETINA_IMAGES, targets), theirs(RETINA_IMAGES, targets)
+    assert set(got) == set(expected) == {"classification", "bbox_regression"}
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)

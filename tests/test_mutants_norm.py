@@ -230,3 +230,30 @@ def test_brn_after_its_ramp_in_float16_normalises_with_float32_statistics() -> N
     torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(brn.running_var, var * 0.5 + var * (36 / 35) * 0.5)
     assert brn.running_mean.dtype == torch.float32 and int(brn.num_batches_tracked) == 6
+
+
+# --- FrozenBN ------------------------------------------------------------------------------------
+
+
+def test_frozenbn_conversion_leaves_nothing_trainable_but_the_convs_weights() -> None:
+    """As convert_norm's docstring says: frozenbn freezes scale, shift and statistics (buffers, no
+    gradient) at the old BN's values, and the conv stays without bias. The output is the closed
+    form (conv(x) - mean) / sqrt(var + eps) * w + b with those values."""
+    from cbn_detect.norm import convert_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), nn.BatchNorm2d(3))
+    mean, var = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([4.0, 0.25, 1.0])
+    w, b = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([0.1, 0.2, -0.3])
+    with torch.no_grad():
+        model[1].running_mean.copy_(mean), model[1].running_var.copy_(var)
+        model[1].weight.copy_(w), model[1].bias.copy_(b)
+    model = convert_norm(model, "frozenbn").train()
+    assert [name for name, _ in model.named_parameters()] == ["0.weight"] and model[0].bias is None
+    x = torch.randn(2, 2, 5, 5)
+    y = nn.functional.conv2d(x, model[0].weight)
+    expected = (y - mean.view(1, 3, 1, 1)) / torch.sqrt(var.view(1, 3, 1, 1) + 1e-5) * w.view(1, 3, 1, 1) + b.view(1, 3, 1, 1)
+    out = model(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert torch.equal(model[1].running_mean, mean) and torch.equal(model[1].running_var, var)  # training changes nothing

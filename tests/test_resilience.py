@@ -19,6 +19,8 @@ from cbn_detect.engine.checkpoint import TrainState, load_checkpoint, save_check
 from cbn_detect.engine.optim import build_optimizer, build_scheduler
 from cbn_detect.engine.precision import Precision
 from cbn_detect.runtime.errors import CheckpointError
+from cbn_detect.data.build import class_names
+from cbn_detect.models import build_detector
 from cbn_detect.train import run
 from tests.conftest import CONF_DIR, REPO, TINY_RUN
 
@@ -51,8 +53,36 @@ def test_diagnostics_reach_metrics_jsonl(tmp_path: Path) -> None:
     keys = set(diag[0])
     assert {"grad_norm/backbone.stem", "grad_norm/backbone.fpn", "grad_norm/head.classification_head"} <= keys
     assert diag[0]["update_ratio/backbone.layer1"] > 0
-    assert diag[0]["params_unchanged"] >= 0
+    # a whole number of tensors, fewer than all: the step moved most of them (exact counts: below)
+    model = build_detector(tiny_cfg().model, num_classes=len(class_names(tiny_cfg().data)))
+    trainable = sum(p.requires_grad for p in model.parameters())
+    assert all(r["params_unchanged"] == int(r["params_unchanged"]) for r in diag)
+    assert all(0 <= r["params_unchanged"] < trainable / 2 for r in diag), (trainable, diag[0]["params_unchanged"])
     assert any(k.startswith("norm/backbone.body.bn1/running_var") for k in keys)
+
+
+def test_update_stats_count_unchanged_tensors_and_give_each_groups_update_ratio() -> None:
+    """Known by hand: SGD at lr 0.5 moves ``a.weight`` by -0.5 * grad; ``b`` gets no gradient (unused)
+    and ``c`` sits in a group with lr 0, so exactly 2 tensors stay unchanged. The update ratio of
+    group "a" is ||0.5 * grad|| / ||w||, of "b" and "c" 0."""
+    from torch import nn
+
+    from cbn_detect.engine.diagnostics import GradientMonitor
+
+    model = nn.ModuleDict({"a": nn.Linear(2, 1, bias=False), "b": nn.Linear(2, 1, bias=False), "c": nn.Linear(2, 1, bias=False)})
+    with torch.no_grad():
+        model["a"].weight.copy_(torch.tensor([[3.0, 4.0]]))  # norm 5
+    monitor = GradientMonitor(model)
+    optimizer = torch.optim.SGD([{"params": [model["a"].weight, model["b"].weight]},
+                                 {"params": [model["c"].weight], "lr": 0.0}], lr=0.5)
+    x = torch.tensor([[1.0, 2.0]])
+    (model["a"](x) + model["c"](x)).sum().backward()  # d/dw of w . x: grad x = (1, 2), norm sqrt(5)
+    monitor.snapshot()
+    optimizer.step()
+    stats = monitor.update_stats()
+    assert stats["params_unchanged"] == 2.0
+    assert stats["update_ratio/a"] == pytest.approx(0.5 * 5**0.5 / 5, rel=1e-6)
+    assert stats["update_ratio/b"] == 0.0 and stats["update_ratio/c"] == 0.0
 
 
 def _train(args: list[str], cwd: Path) -> subprocess.Popen:

@@ -38,7 +38,12 @@ def convert_norm(
     its class declares them (``norm_regions``: module-path prefix -> region); layers elsewhere get
     no norm at all (``none``). ``where=None`` converts every layer, for models that are not
     detectors. Each replacement inherits the old layer's affine parameters and
-    running statistics where it has them. The producing conv of a norm - needed by CBN and by
+    running statistics where it has them. ``frozenbn`` is by intent the one norm with nothing to
+    train: torchvision's ``FrozenBatchNorm2d`` keeps scale, shift and statistics as buffers, so a
+    converted layer is the fixed per-channel affine map of the old layer's values (for a model
+    built from scratch the identity, up to ``1 / sqrt(1 + eps)``) and its conv stays bias-free -
+    the study's "no adaptive normalization" baseline; ``none`` is the variant whose conv gets a
+    trainable bias instead. The producing conv of a norm - needed by CBN and by
     ``none`` - is found, in order, from an ancestor's ``norm_producers()`` map, the preceding child
     in an ``nn.Sequential``, or a sibling ``conv<k>`` of a ``bn<k>``; not finding it is an error.
     """
