@@ -274,3 +274,18 @@ def test_stored_offsets_equal_the_contraction_with_the_weight_of_then(bias, grou
     offsets = taylor_products(conv.weight.detach(), history["patch"][:1], history["dsq"][:1], groups)[0]
     torch.testing.assert_close(history["wpatch"][0], offsets[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(history["wdsq"][0], offsets[1], rtol=1e-10, atol=1e-12)
+
+
+def test_under_bf16_autocast_offsets_are_contracted_with_the_fp32_weight():
+    """Under autocast the conv ran on bf16 copies, so ``E[y]`` is not ``W . patch`` to fp32
+    precision: the stored offsets are the contraction with the fp32 weight (what the Taylor term's
+    ``W_t . g`` is formed with), so the term of an unmoved conv is rounding of fp32, not of bf16."""
+    torch.manual_seed(0)
+    model = convert_norm(conv_bn(8, 8), "cbn", window=3, burnin=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 8, 12, 12) + 0.5)
+    history = model[1].get_extra_state()["history"]
+    offsets = taylor_products(model[0].weight.detach(), history["patch"][:1], history["dsq"][:1], 1)[0]
+    torch.testing.assert_close(history["wpatch"][0], offsets[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(history["wdsq"][0], offsets[1], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(history["wdsq"][0], 2 * history["sq"][0], rtol=1e-6, atol=1e-6)  # bf16 differs

@@ -232,10 +232,13 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         """Write this step's entry in place (``out=``): no copy of the weight, one kernel per field
         (the derivative is written by the multiply that scales it).
 
-        The offsets ``W_s . patch_s`` and ``W_s . dsq_s`` need no contraction: y = W_s * x + b
-        is the conv's own output, so ``W_s . patch_s = E[y] - b`` and ``W_s . dsq_s =
-        2/M sum y (y - b) = 2 (E[y^2] - b E[y])``, per channel, from the statistics just stored
-        (equal to the contraction up to rounding; tests/test_norm_cbn.py checks both)."""
+        The offsets ``W_s . patch_s`` and ``W_s . dsq_s`` need no contraction when the conv ran in
+        the statistics dtype: y = W_s * x + b is its own output, so ``W_s . patch_s = E[y] - b``
+        and ``W_s . dsq_s = 2/M sum y (y - b) = 2 (E[y^2] - b E[y])``, per channel, from the
+        statistics just stored (equal to the contraction up to fp32 rounding; a test checks it).
+        Under autocast the conv ran on bf16/fp16 copies of W and x, so the identity holds only to
+        their rounding (~1e-4 of E[y^2], about a tenth of a typical Taylor term): there the offsets
+        are contracted with the fp32 weight, consistent with how the term is formed."""
         slot, history = self._next, self._history
         stats = history["stats"][slot]
         stats[0].copy_(res.cur_mean)
@@ -244,7 +247,12 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
             conv = self._link.conv
             mean_input_patch(conv_input, self._geom, tuple(y.shape[-2:]), out=history["patch"][slot])
             sq_weight_grad(conv_input, y, self._geom, out=history["dsq"][slot], weight=conv.weight)
-            if conv.bias is None:
+            if y.dtype != stats.dtype:
+                taylor_products(
+                    conv.weight.detach(), history["patch"][slot : slot + 1], history["dsq"][slot : slot + 1],
+                    self._geom.groups, out=stats[2:],
+                )
+            elif conv.bias is None:
                 stats[2].copy_(stats[0])
                 torch.mul(stats[1], 2.0, out=stats[3])
             else:

@@ -132,7 +132,7 @@ def sq_weight_grad(
     the low-precision convolution is the fast one on GPU) and returned in the statistics dtype of y
     (into ``out`` if given, scaled on the way: no further copy). ``weight``: the conv's weight, if
     at hand; only its shape and layout are read, but oneDNN takes a slower path (2-3x on the small
-    maps of a ResNet's last stage) for the stride-0 stand-in used without it.
+    maps of a ResNet's last stage) for a stand-in without its layout.
     """
     m = y.shape[0] * y.shape[2] * y.shape[3]
     x, y = x.detach(), y.detach()
@@ -149,7 +149,7 @@ def sq_weight_grad(
     else:
         x, after = x.to(y.dtype), 2.0 / m
     if weight is None or weight.dtype != y.dtype:
-        weight = y.new_empty(1).expand(geom.weight_shape)
+        weight = y.new_empty(geom.weight_shape)  # contiguous: a stride-0 one is slower still
     grad = torch.ops.aten.convolution_backward(
         y, x, weight.detach(), None, geom.stride, geom.padding, geom.dilation, False, [0], geom.groups,
         (False, True, False),
