@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,15 @@ def test_loss_variance_is_the_population_variance_by_hand() -> None:
     assert loss_variance([1.0, 3.0, 2.0, 0.0]) == 1.25
     assert loss_variance([5.0, 7.0]) == 1.0  # population: ((-1)^2 + 1^2) / 2; the sample one is 2
     assert loss_variance((2.5, 2.5, 2.5)) == 0.0  # a flat loss has variance 0, not NaN
+
+
+def test_loss_variance_of_float32_losses_is_computed_in_float64() -> None:
+    # float32 losses (a loss tensor's .item()s gathered in an array) are not summed in float32:
+    # statistics.pvariance is exact (rational arithmetic) on the same float32 values.
+    losses = np.float32([10000.1, 10000.2, 10000.35, 9999.9])
+    exact = statistics.pvariance([float(v) for v in losses])
+    assert loss_variance(losses) == pytest.approx(exact, rel=1e-12)
+    assert abs(float(losses.var()) - exact) > 1e-8  # float32 arithmetic would be off by 2e-6 relative
 
 
 @pytest.mark.parametrize("losses", [[], [0.7], [1.0, math.nan], [1.0, math.inf, 2.0], [-math.inf, 1.0]])
@@ -183,3 +193,74 @@ def test_the_continued_fraction_gives_up_after_its_term_budget(monkeypatch: pyte
     monkeypatch.setattr(stats, "_CF_MAX_ITER", 2)
     with pytest.raises(ArithmeticError, match=r"did not converge for x=0.3, a=2.0, b=3.0"):
         stats.regularized_incomplete_beta(0.3, 2.0, 3.0)
+
+
+def test_the_continued_fraction_steps_over_a_zero_denominator() -> None:
+    """Lentz's guard: at x = 1/2, a = 1, b = 3 the fraction's first denominator 1 - (a+b)x/(a+1) is
+    exactly 0 (the public function never evaluates this side there, but the loop can meet such a
+    zero later). Replaced by a tiny number, the fraction still converges to its closed form:
+    I_x(1, 3) = 1 - (1-x)^3 = 7/8 = x (1-x)^3 / B(1, 3) * cf / 1, B(1, 3) = 1/3, so cf = 14/3."""
+    assert stats._beta_continued_fraction(0.5, 1.0, 3.0) == pytest.approx(14 / 3, rel=1e-14)
+
+
+def test_results_json_is_read_as_utf8_whatever_the_locale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """JSON is UTF-8 (RFC 8259); a reader that left the encoding to the locale would turn "é"
+    into "Ã©" under a Latin-1 locale. The locale's default is made Latin-1 here for the files
+    pathlib opens without an explicit encoding."""
+    import io
+
+    monkeypatch.setattr(io, "text_encoding", lambda encoding, stacklevel=2: encoding or "latin-1")
+    (tmp_path / "results.json").write_bytes('{"status": "completed", "model": "r\u00e9tina"}'.encode("utf-8"))
+    assert (tmp_path / "results.json").read_text() != (tmp_path / "results.json").read_text(encoding="utf-8")  # the stand-in works
+    assert read_results(tmp_path).model == "r\u00e9tina"
+
+
+# --- VOC AP ----------------------------------------------------------------------------------------
+
+from cbn_detect.evaluation import voc_ap  # noqa: E402
+
+# MATLAB's 0:0.1:1 (the colon operator builds a + k*d up to the middle, b - k*d after it), as
+# doubles written out: 3*0.1 is 0.30000000000000004 but 1 - 3*0.1 is 0.7 exactly.
+MATLAB_TENTHS = (0.0, 0.1, 0.2, 0.30000000000000004, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def test_the_eleven_recall_thresholds_are_matlabs_doubles() -> None:
+    got = voc_ap._matlab_zero_to_one_by_tenths()
+    assert len(got) == 11 and all(a == b for a, b in zip(got, MATLAB_TENTHS)), got
+    assert voc_ap._ELEVEN_THRESHOLDS == MATLAB_TENTHS
+
+
+def test_an_overlap_tie_goes_to_the_first_box_in_annotation_order_among_many() -> None:
+    """Worked by hand. One image, boxes of two classes interleaved (cat at annotation positions
+    1, 3, 5, 7, 9); cat boxes 5 (difficult) and 7 (not) are the same box B. The devkit's strict
+    ``ov > ovmax`` gives a detection on B to box 5, so it is ignored, and the second detection,
+    on cat box 3, is the only true positive: recall 1/4 (4 non-difficult cats), precision 1,
+    VOC07 AP = 3/11 (thresholds 0, 0.1, 0.2). Given to box 7 instead (a sort that forgets the
+    annotation order), both would count: AP 6/11."""
+    from tests.test_voc_ap import ap_of
+
+    b = (50, 50, 80, 80)
+    objects = []
+    for k in range(10):
+        if k % 2 == 0:
+            objects.append((2, (1 + 5 * k, 1, 4 + 5 * k, 4), False))  # dogs, out of the way
+        else:
+            box = b if k in (5, 7) else (100 + 10 * k, 100, 105 + 10 * k, 105)
+            objects.append((1, box, k == 5))
+    dets = [(1, 0.9, b), (1, 0.8, (130, 100, 135, 105))]  # on B, then on cat box 3
+    result = ap_of([objects], [dets])
+    assert result.n_pos == {"cat": 4, "dog": 5}
+    assert result.ap["cat"] == pytest.approx(3 / 11, abs=1e-15)
+
+
+def test_best_overlaps_marks_detections_without_any_overlap() -> None:
+    """The documented result of the matching helper, by hand (devkit +1 boxes): per detection the
+    largest IoU with a box of its group and that box's flat index; -inf and -1 where no box of
+    its group intersects it (another group's box does not count)."""
+    gt = np.array([[1.0, 1.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0], [21.0, 21.0, 30.0, 30.0]])
+    gt_keys = np.array([0, 1, 0])
+    det = np.array([[1.0, 1.0, 10.0, 5.0], [40.0, 40.0, 50.0, 50.0], [1.0, 1.0, 10.0, 10.0], [1.0, 1.0, 5.0, 5.0]])
+    det_keys = np.array([0, 0, 2, 1])
+    ovmax, jmax = voc_ap._best_overlaps(det, det_keys, gt, gt_keys)
+    assert ovmax.tolist() == [50 / 100, -np.inf, -np.inf, 25 / 100]
+    assert jmax.tolist() == [0, -1, -1, 1] and jmax.dtype == np.int64

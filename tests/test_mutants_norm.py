@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from cbn_detect.norm import BatchRenorm2d
@@ -257,3 +258,140 @@ def test_frozenbn_conversion_leaves_nothing_trainable_but_the_convs_weights() ->
     torch.testing.assert_close(out, expected)
     out.sum().backward()
     assert torch.equal(model[1].running_mean, mean) and torch.equal(model[1].running_var, var)  # training changes nothing
+
+
+# --- BRN's gradient --------------------------------------------------------------------------------
+
+
+def test_brn_gradient_treats_r_and_d_as_constants() -> None:
+    """Past the ramp, with running statistics away from the batch's (r and d inside their limits,
+    neither 1 nor 0), the input and affine gradients are autograd's on the paper's formula
+    w * (x_hat * r + d) + b with r and d computed from detached statistics - and differ from the
+    gradient with r and d left in the graph, so the test can tell the two apart."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 2, 3, 3, dtype=F64) * 2 + 0.5
+    g = torch.randn(4, 2, 3, 3, dtype=F64)
+    run_mean, run_var = torch.tensor([0.2, 0.9], dtype=F64), torch.tensor([3.0, 6.0], dtype=F64)
+    brn = BatchRenorm2d(2, eps=1e-3, r_max=3.0, d_max=5.0, ramp_start=0, ramp_end=1).double()
+    brn.num_batches_tracked.fill_(3)
+    with torch.no_grad():
+        brn.running_mean.copy_(run_mean), brn.running_var.copy_(run_var)
+        brn.weight.copy_(torch.tensor([1.5, -0.5])), brn.bias.copy_(torch.tensor([0.1, 0.3]))
+    xa = x.clone().requires_grad_()
+    (brn(xa) * g).sum().backward()
+
+    def reference(detach: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xr = x.clone().requires_grad_()
+        w, b = torch.tensor([1.5, -0.5], dtype=F64, requires_grad=True), torch.tensor([0.1, 0.3], dtype=F64, requires_grad=True)
+        mean = xr.mean((0, 2, 3))
+        std = torch.sqrt(((xr - mean.view(1, 2, 1, 1)) ** 2).mean((0, 2, 3)) + 1e-3)
+        std_run = torch.sqrt(run_var + 1e-3)
+        r, d = std / std_run, (mean - run_mean) / std_run
+        if detach:
+            r, d = r.detach(), d.detach()
+        assert ((r > 1 / 3) & (r < 3) & (d.abs() < 5)).all() and not torch.allclose(r, torch.ones_like(r))
+        x_hat = (xr - mean.view(1, 2, 1, 1)) / std.view(1, 2, 1, 1)
+        out = w.view(1, 2, 1, 1) * (x_hat * r.view(1, 2, 1, 1) + d.view(1, 2, 1, 1)) + b.view(1, 2, 1, 1)
+        (out * g).sum().backward()
+        return xr.grad, w.grad, b.grad
+
+    x_grad, w_grad, b_grad = reference(detach=True)
+    torch.testing.assert_close(xa.grad, x_grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(brn.weight.grad, w_grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(brn.bias.grad, b_grad, rtol=1e-10, atol=1e-12)
+    assert (reference(detach=False)[0] - x_grad).abs().max() > 1e-2
+
+
+# --- CBN against a brute-force reference -----------------------------------------------------------
+
+
+def cbn_reference_step(x, weight, past, conv_kw, norm_w, norm_b, eps):
+    """One CBN training forward written from the paper's definition, in float64: the current
+    batch's statistics under the current conv weight W_t (differentiable), and each stored batch s
+    (its conv input x_s and the weight W_s of then) compensated to W_t by a first-order Taylor
+    expansion computed with autograd: stat_s(W_s) + (W_t - W_s) . d stat_s / dW at W_s, for the
+    mean and for E[y^2] (constants for the gradient). Entries with a negative compensated variance
+    are dropped; the window's moments are the average over the current batch and the kept entries."""
+    y = F.conv2d(x, weight, **conv_kw)
+    cur_mean = y.mean((0, 2, 3))
+    cur_var = ((y - cur_mean.view(1, -1, 1, 1)) ** 2).mean((0, 2, 3))
+    w_now = weight.detach()
+    means, sqs = [], []
+    for x_s, w_s in past:
+        w_s = w_s.clone().requires_grad_()
+        y_s = F.conv2d(x_s, w_s, **conv_kw)
+        stats = (y_s.mean((0, 2, 3)), (y_s**2).mean((0, 2, 3)))
+        comp = []
+        for stat in stats:  # per channel c: stat_c + sum over w of (W_t - W_s) * d stat_c / dW
+            rows = [torch.autograd.grad(stat[c], w_s, retain_graph=True)[0] for c in range(stat.shape[0])]
+            comp.append(stat.detach() + torch.stack([((w_now - w_s.detach()) * r).sum() for r in rows]))
+        means.append(comp[0])
+        sqs.append(comp[1])
+    count = torch.ones_like(cur_mean)
+    total_mean = cur_mean.clone()
+    kept = []
+    for m, sq in zip(means, sqs):
+        keep = sq - m**2 >= 0
+        kept.append((keep, m, sq - m**2))
+        count = count + keep
+        total_mean = total_mean + torch.where(keep, m, 0.0)
+    mean = total_mean / count
+    var = cur_var + (cur_mean - mean) ** 2
+    for keep, m, v in kept:
+        var = var + torch.where(keep, v + (m - mean) ** 2, 0.0)
+    var = var / count
+    out = (y - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + eps) * norm_w.view(1, -1, 1, 1) + norm_b.view(1, -1, 1, 1)
+    return out, cur_mean.detach(), cur_var.detach()
+
+
+@pytest.mark.parametrize("conv_kw", [dict(padding=1), dict(stride=2, groups=2)])
+def test_cbn_training_equals_the_brute_force_reference_step_by_step(conv_kw) -> None:
+    """Five SGD steps of conv -> CBN (window 3, no burn-in, rho 1) in float64 against
+    ``cbn_reference_step``: outputs, the conv's and the norm's gradients, the running statistics
+    (BatchNorm's EMA of the current batch alone). The learning rate moves the weights enough that
+    the Taylor terms matter: dropping the E[y^2] one alone changes the outputs by ~1e-2."""
+    from cbn_detect.norm import convert_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, bias=False, **conv_kw), nn.BatchNorm2d(6, eps=1e-3, momentum=0.2))
+    model = convert_norm(model.double(), "cbn", window=3, burnin=0, eps=1e-3, momentum=0.2).double()
+    weight = model[0].weight.detach().clone()
+    norm_w, norm_b = torch.linspace(0.5, 1.5, 6, dtype=F64), torch.linspace(-0.2, 0.3, 6, dtype=F64)
+    with torch.no_grad():
+        model[1].weight.copy_(norm_w), model[1].bias.copy_(norm_b)
+    running_mean, running_var = torch.zeros(6, dtype=F64), torch.ones(6, dtype=F64)
+    past: list = []
+    gen = torch.Generator().manual_seed(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    biggest_taylor = 0.0
+    for step in range(5):
+        x = torch.randn(2, 4, 7, 7, generator=gen, dtype=F64) * (1 + 0.3 * step) + 0.5
+        out = model(x)
+        g = torch.randn(out.shape, generator=gen, dtype=F64)
+        (out * g).sum().backward()
+
+        w_ref = weight.clone().requires_grad_()
+        nw, nb = norm_w.clone().requires_grad_(), norm_b.clone().requires_grad_()
+        ref, cur_mean, cur_var = cbn_reference_step(x, w_ref, past, conv_kw, nw, nb, 1e-3)
+        (ref * g).sum().backward()
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-9, atol=1e-10, msg=lambda m: f"step {step}: {m}")
+        torch.testing.assert_close(model[0].weight.grad, w_ref.grad, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(model[1].weight.grad, nw.grad, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(model[1].bias.grad, nb.grad, rtol=1e-9, atol=1e-10)
+        m = x.shape[0] * out.shape[2] * out.shape[3]
+        running_mean = 0.8 * running_mean + 0.2 * cur_mean
+        running_var = 0.8 * running_var + 0.2 * cur_var * m / (m - 1)
+        torch.testing.assert_close(model[1].running_mean, running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model[1].running_var, running_var, rtol=1e-12, atol=1e-12)
+        if model[1].last_window is not None:
+            biggest_taylor = max(biggest_taylor, float(model[1].last_window.delta_mean.abs().max()))
+
+        past = (past + [(x, weight.clone())])[-2:]
+        optimizer.step()
+        with torch.no_grad():
+            weight -= 0.3 * w_ref.grad
+            norm_w -= 0.3 * nw.grad
+            norm_b -= 0.3 * nb.grad
+        torch.testing.assert_close(model[0].weight.detach(), weight, rtol=1e-9, atol=1e-11)
+        optimizer.zero_grad()
+    assert model[1].last_window.count.min() == 3 and biggest_taylor > 1e-2

@@ -10,6 +10,11 @@ diffs with ``--diffs``) and a per-module summary table, also written to
     python tools/mutate.py                     # every module, in the order below
     python tools/mutate.py stats voc_ap        # some of them (names from MODULES)
     python tools/mutate.py --diffs loss_stats  # with the diff of every surviving mutant
+    python tools/mutate.py --again voc_ap      # only the mutants the last run did not kill
+
+``--again`` re-runs just the last run's survivors (after new tests were written for them) and
+updates that run's counts; it refuses when the mutated file changed since (its mutants would be
+numbered differently), so a full run is needed then.
 
 Why mutmut (3.x): it forks each mutant's test run from a process that has already imported torch
 and collected the tests, and runs only the tests that reach the mutated function, so a mutant
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +41,35 @@ WORK = REPO / ".cache" / "mutate"
 
 # module name -> (file to mutate, the fast test files that cover it). Keep each list to tests of a
 # few seconds: mutmut runs them once to map tests to functions, then the covering ones per mutant.
+_CBN_TESTS = [  # test_norm_cbn.py without its two torch.compile tests (20-40 s of compilation each)
+    f"tests/test_norm_cbn.py::{name}"
+    for name in (
+        "test_window_one_equals_bn", "test_zero_lr_statistics_are_bn_over_union_of_last_k_batches",
+        "test_compensated_mean_of_first_conv_is_exact_mean_under_current_weights",
+        "test_analytic_derivatives_match_autograd", "test_state_dict_round_trip_mid_training_continues_identically",
+        "test_checkpoint_with_other_window_is_refused_with_layer_name", "test_negative_compensated_variance_is_dropped",
+        "test_non_finite_slot_that_is_not_kept_leaves_gradient_finite", "test_burnin_is_plain_bn_then_window_grows",
+        "test_eval_uses_running_statistics_of_current_batches", "test_bf16_autocast_keeps_statistics_in_fp32",
+        "test_unwired_cbn_is_an_error_naming_the_layer", "test_naive_cbn_needs_no_conv_and_ignores_weight_changes",
+        "test_diagnostics_report_dropped_entries_and_window",
+    )
+]
+_SSD_TESTS = [  # test_ssd.py without its tiny training run (12 s)
+    f"tests/test_ssd.py::{name}"
+    for name in (
+        "test_vgg_ssd_has_the_papers_maps_and_default_boxes", "test_resnet_ssd300_gives_ssd300_maps_with_one_extra_layer_fewer",
+        "test_every_ssd_config_builds_with_a_norm_after_every_conv_but_the_predictors",
+        "test_norm_where_backbone_leaves_the_head_without_norms_and_gives_its_convs_biases",
+        "test_inference_returns_labelled_boxes_in_the_original_image_frame", "test_mismatched_aspect_ratios_name_the_setting",
+        "test_the_resnet50_ssd300_has_ssd300s_maps_and_default_boxes",
+    )
+]
+
+# module name -> (file to mutate, the fast test files that cover it). Keep each list to tests of a
+# few seconds: mutmut runs them once to map tests to functions, then the covering ones per mutant.
+# Left out on purpose: tests that compile (minutes per mutant), whole training runs, and
+# test_norm_distributed.py (its SyncBN runs in child processes, where no mutant is seen; the
+# threaded two-rank tests of test_mutants_norm.py cover the same code in-process).
 MODULES: dict[str, tuple[str, list[str]]] = {
     "loss_stats": ("cbn_detect/engine/loss_stats.py", ["tests/test_mutants_core.py"]),
     "boxes": ("cbn_detect/voc/boxes.py", ["tests/test_voc_ap.py", "tests/test_devkit_io.py"]),
@@ -55,11 +90,11 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         ["tests/test_voc_ground_truth.py", "tests/test_devkit_io.py", "tests/test_mutants_core.py"],
     ),
     "brn": ("cbn_detect/norm/brn.py", ["tests/test_norm_brn.py", "tests/test_mutants_norm.py"]),
-    "syncbn": ("cbn_detect/norm/syncbn.py", ["tests/test_norm_distributed.py", "tests/test_mutants_norm.py"]),
-    "ssd": ("cbn_detect/models/ssd.py", ["tests/test_ssd.py", "tests/test_mutants_models.py"]),
-    "cbn_math": ("cbn_detect/norm/cbn_math.py", ["tests/test_norm_cbn.py", "tests/test_mutants_norm.py"]),
-    "cbn": ("cbn_detect/norm/cbn.py", ["tests/test_norm_cbn.py", "tests/test_mutants_norm.py"]),
-    "retinanet": ("cbn_detect/models/retinanet.py", ["tests/test_mutants_models.py"]),
+    "syncbn": ("cbn_detect/norm/syncbn.py", ["tests/test_mutants_norm.py"]),
+    "ssd": ("cbn_detect/models/ssd.py", [*_SSD_TESTS, "tests/test_mutants_models.py"]),
+    "cbn_math": ("cbn_detect/norm/cbn_math.py", [*_CBN_TESTS, "tests/test_mutants_norm.py"]),
+    "cbn": ("cbn_detect/norm/cbn.py", [*_CBN_TESTS, "tests/test_mutants_norm.py"]),
+    "retinanet": ("cbn_detect/models/retinanet.py", ["tests/test_mutants_models.py", "tests/test_models.py"]),
     "retinanet_batched": (
         "cbn_detect/models/retinanet_batched.py",
         ["tests/test_retinanet_batched.py", "tests/test_mutants_models.py"],
@@ -106,16 +141,27 @@ def _snapshot(name: str, target: str, tests: list[str]) -> Path:
     assert "[tool.mutmut]" not in text, "mutmut settings live in tools/mutate.py's setup.cfg"
     (work / "pyproject.toml").write_text(text)
     (work / "setup.cfg").write_text(_setup_cfg(target, tests))
+    # A failing example kills the mutant: hypothesis's shrinking of it (seconds per mutant) is skipped.
+    with (work / "tests" / "conftest.py").open("a") as conftest:
+        conftest.write(
+            "\n\n# added by tools/mutate.py in its snapshot only\n"
+            "from hypothesis import Phase as _Phase, settings as _settings\n"
+            "_settings.register_profile('mutate', phases=[_Phase.explicit, _Phase.reuse, _Phase.generate])\n"
+            "_settings.load_profile('mutate')\n"
+        )
     return work
 
 
-def _counts(work: Path, target: str) -> tuple[dict[str, int], list[str]]:
+def _counts(work: Path, target: str, only: set[str] | None = None) -> tuple[dict[str, int], list[str]]:
+    """Mutants per status and the "name: status" lines of those not killed (of ``only``, if given)."""
     from mutmut.stats import status_by_exit_code
 
     meta = json.loads((work / "mutants" / (target + ".meta")).read_text())
     counts = dict.fromkeys(STATUSES, 0)
     not_killed = []
     for key, code in sorted(meta["exit_code_by_key"].items()):
+        if only is not None and key not in only:
+            continue
         status = status_by_exit_code[code]
         counts[status] = counts.get(status, 0) + 1
         if status != "killed":
@@ -123,22 +169,41 @@ def _counts(work: Path, target: str) -> tuple[dict[str, int], list[str]]:
     return counts, not_killed
 
 
-def run_module(name: str, diffs: bool) -> dict[str, object]:
+def _sha(target: str) -> str:
+    return hashlib.sha256((REPO / target).read_bytes()).hexdigest()
+
+
+def run_module(name: str, diffs: bool, previous: dict | None = None) -> dict[str, object]:
+    """Mutate one module; with ``previous`` (its last full run's record), only that run's survivors."""
     target, tests = MODULES[name]
     present = [t for t in tests if (REPO / t.split("::")[0]).exists()]
+    again: list[str] = []
+    if previous is not None:
+        if "error" in previous or previous.get("sha256", _sha(target)) != _sha(target):
+            raise SystemExit(f"--again {name}: {target} changed since its last run (or that run failed); run it in full")
+        again = [line.split(":")[0] for line in previous["not_killed"]]
+        if not again:
+            print(f"== {name}: the last run left no survivor", flush=True)
+            return previous
     work = _snapshot(name, target, present)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     mutmut = [sys.executable, "-m", "mutmut"]
-    print(f"== {name}: {target} against {' '.join(present) or '(no tests)'}", flush=True)
+    print(f"== {name}: {target} against {' '.join(present) or '(no tests)'}" + (f" ({len(again)} mutants again)" if again else ""), flush=True)
     started = datetime.datetime.now()
     if present:
         log = work / "mutmut-run.log"
         with log.open("w") as out:
-            code = subprocess.call([*mutmut, "run", "--max-children", "1"], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+            code = subprocess.call([*mutmut, "run", "--max-children", "1", *again], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
         if code != 0 or not (work / "mutants" / (target + ".meta")).exists():
             print(log.read_text()[-4000:])
             return {"module": name, "file": target, "error": f"mutmut exited {code}; log: {log}"}
-        counts, not_killed = _counts(work, target)
+        counts, not_killed = _counts(work, target, set(again) if again else None)
+        if again:  # the previous counts, with the re-run mutants' old statuses replaced by the new ones
+            rerun = counts
+            counts = {status: previous.get(status, 0) for status in STATUSES}
+            for line in previous["not_killed"]:
+                counts[line.split(": ", 1)[1]] -= 1
+            counts = {status: counts[status] + rerun.get(status, 0) for status in STATUSES}
     else:
         counts, not_killed = dict.fromkeys(STATUSES, 0), []
     seconds = (datetime.datetime.now() - started).total_seconds()
@@ -149,13 +214,18 @@ def run_module(name: str, diffs: bool) -> dict[str, object]:
             print("\n".join("      " + s for s in show.stdout.splitlines()[1:]))
     shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
     print(f"   {name}: {shown or 'no mutants'} ({seconds:.0f} s)", flush=True)
-    return {"module": name, "file": target, "tests": present, "seconds": round(seconds), **counts, "not_killed": not_killed}
+    record = {"module": name, "file": target, "sha256": _sha(target), "tests": present, "seconds": round(seconds),
+              **counts, "not_killed": not_killed}
+    if previous is not None:
+        record["first_run"] = previous.get("first_run", {k: previous[k] for k in ("date", *STATUSES) if k in previous})
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", help=f"some of: {', '.join(MODULES)} (default: all)")
     parser.add_argument("--diffs", action="store_true", help="print the diff of every surviving mutant")
+    parser.add_argument("--again", action="store_true", help="re-run only the mutants the last run of each module did not kill")
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
@@ -165,16 +235,23 @@ def main(argv: list[str] | None = None) -> int:
     summary_json = WORK / "summary.json"
     last = json.loads(summary_json.read_text()) if summary_json.exists() else {}
     for name in args.modules or MODULES:
-        last[name] = {"date": date, **run_module(name, args.diffs)}
+        previous = last.get(name) if args.again else None
+        if args.again and previous is None:
+            parser.error(f"--again {name}: no earlier run recorded in {summary_json}")
+        last[name] = {"date": date, **run_module(name, args.diffs, previous)}
     rows = [last[name] for name in MODULES if name in last]
-    table = ["mutmut summary (killed / survived / no tests / timeout per module; date of each module's run)", ""]
-    table += ["| module | killed | survived | no tests | timeout | other | date |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    table = ["mutmut summary (mutants per status and module; the first run's counts, before tests were added for its "
+             "survivors; the date of each module's last run)", ""]
+    table += ["| module | killed | survived | no tests | timeout | other | first run: killed / survived | date |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         if "error" in row:
-            table.append(f"| {row['module']} | error: {row['error']} | | | | | {row['date']} |")
+            table.append(f"| {row['module']} | error: {row['error']} | | | | | | {row['date']} |")
             continue
         other = sum(row[s] for s in ("suspicious", "segfault", "skipped", "not checked"))
-        table.append(f"| {row['module']} | {row['killed']} | {row['survived']} | {row['no tests']} | {row['timeout']} | {other} | {row['date']} |")
+        first = row.get("first_run", row)
+        table.append(f"| {row['module']} | {row['killed']} | {row['survived']} | {row['no tests']} | {row['timeout']} | {other} "
+                     f"| {first['killed']} / {first['survived']} | {row['date']} |")
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "summary.md").write_text("\n".join(table) + "\n")
     summary_json.write_text(json.dumps(last, indent=1))
