@@ -62,6 +62,7 @@ from cbn_detect.runtime import (
 )
 from cbn_detect.runtime.errors import CheckpointError, ConfigError
 from cbn_detect.runtime.lock import claim_job
+from cbn_detect.runtime.phases import phase
 from cbn_detect.runtime.progress import ProgressSettings
 from cbn_detect.tracking import JsonlSink, LoggingSink, MetricSink
 from cbn_detect.tracking.wandb_sink import DetectionPicture, build_wandb_sink
@@ -217,8 +218,9 @@ def log_eval(sinks: list[MetricSink], state: TrainState, scores: dict[str, Any] 
         return
     record = {"epoch": state.epoch, **{f"eval/{k}": v for k, v in scores.items() if k.startswith("map_")}}
     record.update({f"eval/coco_{k}": v for k, v in scores.get("coco", {}).items()})
-    for sink in sinks:
-        sink.log(record, state.step)
+    with phase("logging"):
+        for sink in sinks:
+            sink.log(record, state.step)
 
 
 @dataclass
@@ -248,21 +250,24 @@ class Run:
         return identity(self.cfg, self.info.world_size)
 
     def checkpoint(self) -> None:
-        save_checkpoint(
-            checkpoint_path(self.run_dir, self.info), self.net, self.optimizer, self.scheduler, self.state, self.precision
-        )
+        with phase("checkpoint"):
+            save_checkpoint(
+                checkpoint_path(self.run_dir, self.info), self.net, self.optimizer, self.scheduler, self.state,
+                self.precision,
+            )
 
     def score(self) -> dict[str, Any] | None:
         """Evaluate the current weights (sharded over the processes; rank 0 gets the scores) on
         the fast path: an inference copy with the norms folded into their convs, the network
         itself left as it is."""
-        broadcast_buffers(self.net, self.info)  # every shard evaluates the weights rank 0 checkpoints
         s = self.settings
-        return evaluate(
-            inference_copy(self.net), self.test_set, self.gt, self.classes, self.device, self.info,
-            batch=s.eval_batch, workers=s.workers, metrics=list(s.metrics), coco=s.coco,
-            detections_dir=self.run_dir / "detections", split=s.test_split, progress=self.progress,
-        )
+        with phase("evaluation"):
+            broadcast_buffers(self.net, self.info)  # every shard evaluates the weights rank 0 checkpoints
+            return evaluate(
+                inference_copy(self.net), self.test_set, self.gt, self.classes, self.device, self.info,
+                batch=s.eval_batch, workers=s.workers, metrics=list(s.metrics), coco=s.coco,
+                detections_dir=self.run_dir / "detections", split=s.test_split, progress=self.progress,
+            )
 
     def log_pictures(self) -> None:
         """``eval.log_images`` test images with their ground truth and the detections of the evaluation
@@ -388,7 +393,8 @@ def setup(cfg: DictConfig, run_dir: Path, wandb_group: str | None, several_jobs:
     state = resume(settings, run_dir, info, net, optimizer, scheduler, precision)
     model = wrap_model(net, info, device)
     gt = test_set.ground_truth()
-    sinks = build_sinks(cfg, run_dir, state, info, wandb_group)  # last: from here on run() closes them
+    with phase("logging"):
+        sinks = build_sinks(cfg, run_dir, state, info, wandb_group)  # last: from here on run() closes them
     if lock is not None:
         sinks.append(lock)  # refreshed at every logged step, released when the sinks close
     return Run(
@@ -408,7 +414,8 @@ def train(run: Run) -> None:
             scores = run.score()
             log_eval(run.sinks, state, scores)
             if scores is not None:
-                run.log_pictures()
+                with phase("logging"):
+                    run.log_pictures()
 
     slow_warning_h = settings.slow_warning_h if run.info.is_main else None
     loop = Loop(
@@ -477,16 +484,19 @@ def finish(run: Run) -> Results:
         log_eval(run.sinks, run.state, scores)
         if not run.info.is_main or scores is None:
             return Results(status="completed", **run.identity())
-        run.log_pictures()
-        fps = measure_fps(
-            inference_copy(run.net), run.test_set, run.device, s.fps_images, s.fps_warmup, progress=run.progress
-        )
+        with phase("logging"):
+            run.log_pictures()
+        with phase("fps"):
+            fps = measure_fps(
+                inference_copy(run.net), run.test_set, run.device, s.fps_images, s.fps_warmup, progress=run.progress
+            )
     results = Results(
         status="completed", **run.identity(), **scores, fps=fps, **train_summary(run.state), eval_time_s=eval_time,
         data_problems={"train": dataset_problems(run.train_set), "test": dataset_problems(run.test_set)},
         device=str(run.device), amp=s.amp, torch=torch.__version__,
     )
-    write_results(run.run_dir, results)
+    with phase("logging"):
+        write_results(run.run_dir, results)
     log.info(
         "%s %s batch %d: VOC07 mAP %.4f, loss variance %.4g, %.1f FPS -> %s",
         results.model, results.norm, results.batch, math.nan if results.map_voc07 is None else results.map_voc07,
@@ -500,7 +510,8 @@ def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None, several_
     interrupted, failed), its sinks are closed once setup has built them: W&B finishes,
     ``metrics.jsonl`` is closed, the job's lock released; with the final numbers when there are.
     ``several_jobs``: its console is shared with other jobs (a multirun; see :func:`setup`)."""
-    job = setup(cfg, run_dir, wandb_group, several_jobs)
+    with phase("setup"):
+        job = setup(cfg, run_dir, wandb_group, several_jobs)
     results: Results | None = None
     try:
         try:
@@ -510,7 +521,8 @@ def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None, several_
         else:
             results = finish(job)
     finally:
-        close_sinks(job.sinks, results)
+        with phase("logging"):
+            close_sinks(job.sinks, results)
     return results
 
 

@@ -26,7 +26,7 @@ def test_the_dispatcher_runs_a_row_and_rejects_an_unknown_one(capsys):
     assert main(["eval", "--images", "12", "--dets-per-image", "15", "--classes", "3"]) == 0
     assert capsys.readouterr().out.splitlines()[0].split() == ["implementation", "seconds", "ratio"]
     assert main(["nope"]) == 2
-    assert capsys.readouterr().err.startswith("usage: python -m cbn_detect.bench {norm,eval,train,infer,data,gpu}")
+    assert capsys.readouterr().err.startswith("usage: python -m cbn_detect.bench {norm,eval,train,infer,data,gpu,profile}")
 
 
 def test_synthetic_problem_has_the_requested_size_and_is_seeded():

@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "evaluate": {"voc", "runtime", "norm", "models", "data", "tracking", "results", "engine", "evaluation", "jobs", "train"},
     "report": {"runtime", "stats", "results", "evaluation"},
     "voc_eval": {"voc", "runtime", "evaluation"},
-    "bench": {"voc", "runtime", "norm", "models", "data", "engine", "evaluation"},
+    "bench": {"voc", "runtime", "norm", "models", "data", "engine", "evaluation", "results", "jobs", "train"},
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from cbn_detect.bench import data, gpu, infer, norm, train
+from cbn_detect.bench import data, gpu, infer, norm, profile, train
 from cbn_detect.bench import eval as eval_row
 
 ROWS: dict[str, Callable[[list[str]], int]] = {
@@ -15,6 +15,7 @@ ROWS: dict[str, Callable[[list[str]], int]] = {
     "infer": infer.run,
     "data": data.run,
     "gpu": gpu.run,
+    "profile": profile.run,
 }
 
 
@@ -33,7 +34,7 @@ def describe() -> str:
     ]
     for name, row in ROWS.items():
         summary = (sys.modules[row.__module__].__doc__ or "").strip().splitlines()[0].split(": ", 1)[-1]
-        lines.append(f"  {name:<6} {summary}")
+        lines.append(f"  {name:<7} {summary}")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from cbn_detect.engine.signals import SignalWatch
 from cbn_detect.norm import norm_diagnostics
 from cbn_detect.norm.rollback import NormRollback
 from cbn_detect.runtime import synchronize
+from cbn_detect.runtime.phases import phase
 from cbn_detect.runtime.progress import Progress, ProgressSettings, format_duration
 from cbn_detect.tracking import MetricSink
 
@@ -87,8 +88,28 @@ def to_device(
 
 
 def _log(sinks: Sequence[MetricSink], record: dict[str, Any], step: int) -> None:
+    with phase("logging"):
+        for sink in sinks:
+            sink.log(record, step)
+
+
+def _log_histograms(sinks: Sequence[MetricSink], monitor: GradientMonitor, step: int) -> None:
+    """Weight and gradient histograms (diagnostics level ``full``) to the sinks that draw them (W&B).
+    Gathering them is diagnostics; handing them over, logging."""
     for sink in sinks:
-        sink.log(record, step)
+        if hasattr(sink, "log_histograms"):
+            histograms = monitor.histograms()
+            with phase("logging"):
+                sink.log_histograms(histograms, step)
+
+
+def _next_batch(
+    batches: Iterator[tuple[Sequence[torch.Tensor], Sequence[dict[str, Any]]]], device: torch.device
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]] | None:
+    """The loader's next batch on ``device`` (None at the epoch's end): the time the step waits for data."""
+    with phase("data"):
+        batch = next(batches, None)
+        return None if batch is None else to_device(*batch, device)
 
 
 def _world_size() -> int:
@@ -216,7 +237,8 @@ def train_one_epoch(
     Every step agrees across the processes (one small all-reduce, one device sync) that the loss is
     finite before anyone goes into backward, and checks that the gradient norm is finite (the same
     on every process after DDP's all-reduce) before the optimizer moves. A skipped step leaves the
-    norms' running statistics and CBN's history as they were before it (``rollback``).
+    norms' running statistics and CBN's history as they were before it (``rollback``). The step's
+    phases are marked for ``python -m cbn_detect.bench profile`` (``runtime.phases``: free otherwise).
     """
     model, optimizer, settings, sinks, precision = loop.model, loop.optimizer, loop.settings, loop.sinks, loop.precision
     model.train()
@@ -225,37 +247,45 @@ def train_one_epoch(
     window_start, window_images = time.perf_counter(), 0
     last = window_start
     world = _world_size()
-    for images, targets in loop.loader:
-        images, targets = to_device(images, targets, loop.device)
-        rollback.save()
-        with precision.autocast():
-            loss_terms = model(images, targets)
-        loss_terms = {k: v.float() for k, v in loss_terms.items()}
-        loss = sum(loss_terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        agreed = agree_on_step(loss, loss_terms, watch)
+    batches = iter(loop.loader)
+    while (batch := _next_batch(batches, loop.device)) is not None:
+        images, targets = batch
+        with phase("optimizer"):
+            optimizer.zero_grad(set_to_none=True)  # the last step's gradients are read by nothing now
+        with phase("rollback"):
+            rollback.save()
+        with phase("forward"), precision.autocast():
+            loss_terms = model(images, targets)  # the model's loss method times itself as "loss"
+        with phase("loss"):
+            loss_terms = {k: v.float() for k, v in loss_terms.items()}
+            loss = sum(loss_terms.values())
+        with phase("sync"):
+            agreed = agree_on_step(loss, loss_terms, watch)
         diagnose = settings.diagnostics != "off" and (state.step + 1) % settings.diagnostics_every == 0
         loss_finite = agreed.nonfinite == 0
         grad_norm = torch.tensor(math.nan)
         if loss_finite:
-            precision.backward(loss)
-            precision.unscale(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            with phase("backward"):
+                precision.backward(loss)
+            with phase("optimizer"):
+                precision.unscale(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         if loss_finite and bool(torch.isfinite(grad_norm)):
             diag: dict[str, Any] = {}
             if diagnose:
-                monitor.missing_gradients()
-                diag.update(monitor.gradient_stats())
-                monitor.snapshot()
-                if settings.diagnostics == "full":
-                    for sink in sinks:
-                        if hasattr(sink, "log_histograms"):
-                            sink.log_histograms(monitor.histograms(), state.step + 1)
-            precision.step(optimizer)
+                with phase("diagnostics"):
+                    monitor.missing_gradients()
+                    diag.update(monitor.gradient_stats())
+                    monitor.snapshot()
+                    if settings.diagnostics == "full":
+                        _log_histograms(sinks, monitor, state.step + 1)
+            with phase("optimizer"):
+                precision.step(optimizer)
             state.nonfinite_consecutive = 0
             if diagnose:
-                diag.update(monitor.update_stats())
-                diag.update(norm_diagnostics(loop.net))
+                with phase("diagnostics"):
+                    diag.update(monitor.update_stats())
+                    diag.update(norm_diagnostics(loop.net))
                 _log(sinks, diag, state.step + 1)
             state.epoch_losses.append(agreed.loss)
             state.recent_losses = (state.recent_losses + [agreed.loss])[-settings.loss_window :]
@@ -264,7 +294,8 @@ def train_one_epoch(
             if loss_finite:  # gradients overflowed: lower an fp16 loss scale (no backward ran otherwise)
                 precision.skip()
             _skip_nonfinite(loop.net, agreed, state, settings, sinks, loop.checkpoint)
-        loop.scheduler.step()
+        with phase("optimizer"):
+            loop.scheduler.step()
         state.step += 1
         state.epoch_step += 1
         now = time.perf_counter()
@@ -272,23 +303,25 @@ def train_one_epoch(
         last = now
         window_images += len(images)
         if progress is not None:
-            epoch = f"{state.epoch + 1}/{settings.epochs}"
-            progress.update(1, images=len(images) * world, epoch=epoch, loss=agreed.loss)
-            if slow is not None:
-                slow.check(progress)
+            with phase("logging"):
+                epoch = f"{state.epoch + 1}/{settings.epochs}"
+                progress.update(1, images=len(images) * world, epoch=epoch, loss=agreed.loss)
+                if slow is not None:
+                    slow.check(progress)
         if state.step % settings.log_every == 0:
-            synchronize(loop.device)
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "epoch": state.epoch + 1,
-                "loss": agreed.loss,
-                **{f"loss/{k}": v for k, v in agreed.terms.items()},
-                "loss_variance_window": loss_variance(state.recent_losses),
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": grad_norm.item(),
-                "images_per_s": window_images / max(elapsed, 1e-9),
-            }
-            _log(sinks, record, state.step)
+            with phase("logging"):
+                synchronize(loop.device)
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "epoch": state.epoch + 1,
+                    "loss": agreed.loss,
+                    **{f"loss/{k}": v for k, v in agreed.terms.items()},
+                    "loss_variance_window": loss_variance(state.recent_losses),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm.item(),
+                    "images_per_s": window_images / max(elapsed, 1e-9),
+                }
+                _log(sinks, record, state.step)
             window_start, window_images = time.perf_counter(), 0
         if agreed.signum is not None:
             _checkpoint_and_hand_on(loop, state, watch, agreed.signum)

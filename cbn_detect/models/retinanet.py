@@ -28,6 +28,7 @@ from torchvision.models.detection.retinanet import (
 from cbn_detect.models import retinanet_batched as batched
 from cbn_detect.models.backbone import resnet_fpn_backbone
 from cbn_detect.runtime.errors import ConfigError
+from cbn_detect.runtime.phases import timed
 
 
 class PerLevelNormTower(nn.Module):
@@ -138,11 +139,13 @@ class RetinaNetDetector(RetinaNet):
             and reg_head._loss_type in ("l1", "smooth_l1")
         )
 
+    @timed("loss")
     def compute_loss(
         self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor]
     ) -> dict[str, Tensor]:
         """torchvision's losses: the focal loss and the box loss, each summed per image, divided by
-        that image's foreground anchors and averaged over images."""
+        that image's foreground anchors and averaged over images. Anchor matching included, it is the
+        phase ``loss`` of a profile (inside the training forward, which alone cannot tell them apart)."""
         if not self._batched_loss_applies():
             return super().compute_loss(targets, head_outputs, anchors)
         cls_logits, bbox_regression = head_outputs["cls_logits"], head_outputs["bbox_regression"]
