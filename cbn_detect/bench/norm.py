@@ -26,6 +26,8 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from cbn_detect.bench.common import Variant, add_device_option, interleaved_medians, parse_with_tiny, timed_train_step
+from cbn_detect.bench.train import NUM_CLASSES, synthetic_batch
+from cbn_detect.models import build_retinanet
 from cbn_detect.norm.cbn import CrossIterationBatchNorm2d
 from cbn_detect.norm.convert import REGIONS, convert_norm
 from cbn_detect.norm.registry import NORM_NAMES
@@ -71,9 +73,6 @@ def build_model(name: str, options: dict[str, Any], args: argparse.Namespace) ->
         resnet = getattr(torchvision.models, args.arch)(weights=None)
         model = nn.Sequential(*list(resnet.children())[:-2])  # drop avgpool + fc: a detector's body
         return convert_norm(model, name, **options)
-    from cbn_detect.bench.train import NUM_CLASSES
-    from cbn_detect.models import build_retinanet
-
     model = build_retinanet(NUM_CLASSES, **detector_settings(args.model, args.size))
     return convert_norm(model, name, where=REGIONS, **options)
 
@@ -103,8 +102,6 @@ def make_loss(args: argparse.Namespace):
             return model(x).float().square().mean()
 
         return loss
-    from cbn_detect.bench.train import synthetic_batch
-
     images, targets = synthetic_batch(args.batch, args.size, args.device)
 
     def detector_loss(model: nn.Module) -> Tensor:
