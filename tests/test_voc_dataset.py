@@ -129,3 +129,18 @@ def test_problems_of_a_clean_split_serialise_to_json(voc: Path) -> None:
         "counts": {},
         "examples": {},
     }
+
+
+def test_cached_images_are_the_decoded_ones_read_once_and_never_changed(voc: Path) -> None:
+    """``cache_images``: the same pixels as decoding; the file is read once (deleting it after the
+    first read changes nothing), and what a transform does to a returned image stays out of the cache."""
+    expected = VOCDataset(voc, "trainval")[0][0]
+    cached = VOCDataset(voc, "trainval", cache_images=True)
+    first, _ = cached[0]
+    assert isinstance(first, tv_tensors.Image) and torch.equal(first, expected)
+    first.zero_()  # as an in-place transform would
+    cached._records[0].image_path.unlink()
+    again, _ = cached[0]
+    assert torch.equal(again, expected)
+    with pytest.raises(Exception, match="image missing"):
+        VOCDataset(voc, "trainval", on_error="raise")  # without the cache the file is gone

@@ -62,6 +62,7 @@ def build_dataset(data_cfg: DictConfig, train: bool, transforms: Transforms | No
             keep_difficult=not train or bool(data_cfg.keep_difficult_train),
             transforms=transforms,
             on_error=str(data_cfg.on_error),
+            cache_images=bool(data_cfg.get("cache_images", False)),
         )
         for year, split in parts
     ]

@@ -114,6 +114,7 @@ class VOCDataset(Dataset):
         *,
         year: str | int | None = None,
         verify_images: VerifyImages = "header",
+        cache_images: bool = False,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"data.on_error={on_error!r} must be 'raise' or 'skip'")
@@ -128,6 +129,9 @@ class VOCDataset(Dataset):
         self.verify_images = verify_images
         self.problems = DatasetProblems(split=f"{self.root.name}/{split}")
         self._records = self._load_split()
+        # Decoded images by index when cache_images: a small set (the synthetic one, 24 MB) is then
+        # decoded once per process instead of once per epoch. Each loader worker holds its own.
+        self._decoded: dict[int, torch.Tensor] | None = {} if cache_images else None
         self.problems.num_images = len(self._records)
         self.problems.num_negatives = sum(len(r.labels) == 0 for r in self._records)
         if self.problems:
@@ -143,7 +147,7 @@ class VOCDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
         record = self._records[index]
-        image = _decode_rgb(record.image_path)
+        image = self._image(index, record.image_path)
         keep = slice(None) if self.keep_difficult else ~record.difficult
         size = (record.annotation.height, record.annotation.width)
         target = {
@@ -160,6 +164,14 @@ class VOCDataset(Dataset):
         if self.transforms is not None:
             return self.transforms(image, target)
         return image, target
+
+    def _image(self, index: int, path: Path) -> tv_tensors.Image:
+        if self._decoded is None:
+            return _decode_rgb(path)
+        cached = self._decoded.get(index)
+        if cached is None:
+            cached = self._decoded[index] = _decode_rgb(path)
+        return cached.clone()  # the transforms get a copy of their own: the cache never changes
 
     def ground_truth(self) -> GroundTruth:
         """The split's evaluation ground truth, without decoding images: every annotation as the
