@@ -259,8 +259,47 @@ def test_best_overlaps_marks_detections_without_any_overlap() -> None:
     its group intersects it (another group's box does not count)."""
     gt = np.array([[1.0, 1.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0], [21.0, 21.0, 30.0, 30.0]])
     gt_keys = np.array([0, 1, 0])
-    det = np.array([[1.0, 1.0, 10.0, 5.0], [40.0, 40.0, 50.0, 50.0], [1.0, 1.0, 10.0, 10.0], [1.0, 1.0, 5.0, 5.0]])
-    det_keys = np.array([0, 0, 2, 1])
+    det = np.array([[1.0, 1.0, 10.0, 5.0], [40.0, 40.0, 50.0, 50.0], [1.0, 1.0, 10.0, 10.0], [1.0, 1.0, 5.0, 5.0],
+                    [1.0, 40.0, 10.0, 50.0],  # overlaps box 0 in x only: iw = 10, ih = -29
+                    [11.0, 1.0, 20.0, 10.0],  # touches box 0 on the right: iw = 0 (+1 convention), ih = 10
+                    [1.0, 11.0, 10.0, 20.0]])  # touches it below: ih = 0
+    det_keys = np.array([0, 0, 2, 1, 0, 0, 0])
     ovmax, jmax = voc_ap._best_overlaps(det, det_keys, gt, gt_keys)
-    assert ovmax.tolist() == [50 / 100, -np.inf, -np.inf, 25 / 100]
-    assert jmax.tolist() == [0, -1, -1, 1] and jmax.dtype == np.int64
+    assert ovmax.tolist() == [50 / 100, -np.inf, -np.inf, 25 / 100, -np.inf, -np.inf, -np.inf]
+    assert jmax.tolist() == [0, -1, -1, 1, -1, -1, -1] and jmax.dtype == np.int64
+
+
+def test_iou_uses_the_devkits_plus_one_widths_near_the_threshold() -> None:
+    """By hand, in VOC pixels: ground truth (1, 1, 10, 10) is 10 x 10 = 100 pixels. A detection
+    (1, 1, 9, 5) covers 9 x 5 = 45 of them: IoU 45 / 100 = 0.45, a false positive (one pixel more
+    on each side of the intersection would make it 50 / 95 > 0.5). The next one, (1, 1, 10, 5),
+    has IoU 50 / 100 = 0.5 exactly: a true positive. Recall [0, 1], precision [0, 1/2]: VOC07
+    AP 1/2 (the best precision at recall >= t is 1/2 for every t)."""
+    from tests.test_voc_ap import ap_of
+
+    result = ap_of([[(1, (1, 1, 10, 10), False)]], [[(1, 0.9, (1, 1, 9, 5)), (1, 0.8, (1, 1, 10, 5))]])
+    assert result.ap["cat"] == 0.5
+
+
+def test_no_images_give_no_ap_and_a_nan_map() -> None:
+    from cbn_detect.voc import Detections, GroundTruth
+
+    result = voc_ap.evaluate_voc(GroundTruth([], [], [], []), Detections([], [], [], []), ["cat", "dog"])
+    assert math.isnan(result.map) and result.ap == {"cat": None, "dog": None} and result.n_pos == {"cat": 0, "dog": 0}
+    assert result.to_dict() == {"metric": "voc07", "mAP": None, "ap": {"cat": None, "dog": None}}
+
+
+def test_evaluation_errors_say_what_is_wrong() -> None:
+    from cbn_detect.runtime.errors import ConfigError
+    from tests.test_voc_ap import make_dets, make_gt
+
+    gt = make_gt([[(1, (1, 1, 10, 10), False)], [(3, (1, 1, 10, 10), False)]])
+    dets = make_dets([[(1, 0.9, (1, 1, 10, 10))], []])
+    with pytest.raises(ConfigError, match=r"^unknown VOC metric 'coco'; valid metrics: voc07, area$"):
+        voc_ap.evaluate_voc(gt, dets, ["cat", "dog"], metric="coco")
+    with pytest.raises(ValueError, match=r"^detections and ground truth must list the same images in the same order$"):
+        voc_ap.evaluate_voc(gt, make_dets([[]]), ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"^ground-truth labels must lie in 1\.\.2$"):
+        voc_ap.evaluate_voc(gt, dets, ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"^detection labels must lie in 1\.\.3$"):
+        voc_ap.evaluate_voc(gt, make_dets([[(4, 0.9, (1, 1, 10, 10))], []]), ["cat", "dog", "bird"])

@@ -52,7 +52,8 @@ def threaded_world(monkeypatch: pytest.MonkeyPatch) -> ThreadedAllGather:
     exchange = ThreadedAllGather(2)
     monkeypatch.setattr(dist, "is_available", lambda: True)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: exchange.world)
+    # the layers' group is a 2-rank subgroup of a 4-rank default world: asking the wrong group shows
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: exchange.world if isinstance(group, FakeRank) else 4)
     monkeypatch.setattr(dist, "all_gather", exchange)
     return exchange
 
@@ -205,7 +206,7 @@ def test_brn_clipping_limits_ramp_linearly_between_start_and_end() -> None:
 def test_brn_refuses_limits_that_are_not_a_ramp(options: dict) -> None:
     from cbn_detect.runtime.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="BRN needs norm.r_max >= 1"):
+    with pytest.raises(ConfigError, match=r"^BRN needs norm.r_max >= 1, norm.d_max >= 0 and 0 <= norm.ramp_start < norm.ramp_end, got r_max="):
         BatchRenorm2d(2, **options)
 
 
@@ -344,13 +345,21 @@ def cbn_reference_step(x, weight, past, conv_kw, norm_w, norm_b, eps):
     return out, cur_mean.detach(), cur_var.detach()
 
 
-@pytest.mark.parametrize("conv_kw", [dict(padding=1), dict(stride=2, groups=2)])
-def test_cbn_training_equals_the_brute_force_reference_step_by_step(conv_kw) -> None:
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiled-branch"])
+@pytest.mark.parametrize("conv_kw, lr", [(dict(padding=1), 0.5), (dict(padding=1), 5.0), (dict(stride=2, groups=2), 0.5)])
+def test_cbn_training_equals_the_brute_force_reference_step_by_step(conv_kw, lr, compiling, monkeypatch) -> None:
     """Five SGD steps of conv -> CBN (window 3, no burn-in, rho 1) in float64 against
     ``cbn_reference_step``: outputs, the conv's and the norm's gradients, the running statistics
     (BatchNorm's EMA of the current batch alone). The learning rate moves the weights enough that
-    the Taylor terms matter: dropping the E[y^2] one alone changes the outputs by ~1e-2."""
+    the Taylor terms matter (they move the stored means by 0.2-0.3): dropping the E[y^2] one alone
+    changes the outputs by ~1e-2. At lr 0.5 every stored entry is kept (the window grows 1, 2, 3,
+    3, 3); at lr 5 some compensated variances turn negative and those entries are dropped per channel.
+    "compiled-branch": ``torch.compiler.is_compiling()`` made true, so ``cbn_window_forward`` runs
+    the plain differentiable ops it gives ``torch.compile`` (the fused path), eagerly."""
     from cbn_detect.norm import convert_norm
+
+    if compiling:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 6, 3, bias=False, **conv_kw), nn.BatchNorm2d(6, eps=1e-3, momentum=0.2))
@@ -362,18 +371,18 @@ def test_cbn_training_equals_the_brute_force_reference_step_by_step(conv_kw) -> 
     running_mean, running_var = torch.zeros(6, dtype=F64), torch.ones(6, dtype=F64)
     past: list = []
     gen = torch.Generator().manual_seed(3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
-    biggest_taylor = 0.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    biggest_taylor, counts = 0.0, []
     for step in range(5):
         x = torch.randn(2, 4, 7, 7, generator=gen, dtype=F64) * (1 + 0.3 * step) + 0.5
         out = model(x)
         g = torch.randn(out.shape, generator=gen, dtype=F64)
-        (out * g).sum().backward()
+        (out * g).mean().backward()
 
         w_ref = weight.clone().requires_grad_()
         nw, nb = norm_w.clone().requires_grad_(), norm_b.clone().requires_grad_()
         ref, cur_mean, cur_var = cbn_reference_step(x, w_ref, past, conv_kw, nw, nb, 1e-3)
-        (ref * g).sum().backward()
+        (ref * g).mean().backward()
         torch.testing.assert_close(out, ref.detach(), rtol=1e-9, atol=1e-10, msg=lambda m: f"step {step}: {m}")
         torch.testing.assert_close(model[0].weight.grad, w_ref.grad, rtol=1e-8, atol=1e-10)
         torch.testing.assert_close(model[1].weight.grad, nw.grad, rtol=1e-9, atol=1e-10)
@@ -383,15 +392,266 @@ def test_cbn_training_equals_the_brute_force_reference_step_by_step(conv_kw) -> 
         running_var = 0.8 * running_var + 0.2 * cur_var * m / (m - 1)
         torch.testing.assert_close(model[1].running_mean, running_mean, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(model[1].running_var, running_var, rtol=1e-12, atol=1e-12)
-        if model[1].last_window is not None:
+        if model[1].last_window.delta_mean.numel():
             biggest_taylor = max(biggest_taylor, float(model[1].last_window.delta_mean.abs().max()))
+        counts.append(model[1].last_window.count.tolist())
 
         past = (past + [(x, weight.clone())])[-2:]
         optimizer.step()
         with torch.no_grad():
-            weight -= 0.3 * w_ref.grad
-            norm_w -= 0.3 * nw.grad
-            norm_b -= 0.3 * nb.grad
+            weight -= lr * w_ref.grad
+            norm_w -= lr * nw.grad
+            norm_b -= lr * nb.grad
         torch.testing.assert_close(model[0].weight.detach(), weight, rtol=1e-9, atol=1e-11)
         optimizer.zero_grad()
-    assert model[1].last_window.count.min() == 3 and biggest_taylor > 1e-2
+    if lr == 0.5:
+        assert counts == [[float(min(step, 2) + 1)] * 6 for step in range(5)] and biggest_taylor > 0.1
+    else:
+        assert min(min(c) for c in counts[1:]) < max(max(c) for c in counts[1:]) and biggest_taylor > 1e-2
+
+
+# --- defaults, eval mode, low precision, edge counts -------------------------------------------------
+
+
+def _conf(name: str) -> dict:
+    import yaml
+
+    from tests.conftest import CONF_DIR
+
+    return yaml.safe_load((CONF_DIR / "norm" / f"{name}.yaml").read_text())
+
+
+def test_constructor_defaults_are_the_documented_ones() -> None:
+    """The defaults of the layers are the values their conf/norm files document (read with yaml):
+    BRN's paper-scaled ramp and update rate; SyncBN's BatchNorm defaults."""
+    brn, conf = BatchRenorm2d(2), _conf("brn")
+    assert (brn.eps, brn.momentum, brn.r_max, brn.d_max, brn.ramp_start, brn.ramp_end) == (
+        conf["eps"], conf["momentum"], conf["r_max"], conf["d_max"], conf["ramp_start"], conf["ramp_end"])
+    sync, conf, bn = SyncBatchNorm2d(2), _conf("syncbn"), nn.BatchNorm2d(2)
+    assert (sync.eps, sync.momentum) == (conf["eps"], conf["momentum"]) == (bn.eps, bn.momentum)
+
+
+def test_brn_in_eval_mode_normalises_with_its_running_statistics() -> None:
+    brn = BatchRenorm2d(2, eps=1e-3).double().eval()
+    with torch.no_grad():
+        brn.running_mean.copy_(torch.tensor([1.0, -2.0])), brn.running_var.copy_(torch.tensor([4.0, 0.5]))
+        brn.weight.copy_(torch.tensor([2.0, 0.5])), brn.bias.copy_(torch.tensor([0.0, 1.0]))
+    x = torch.randn(3, 2, 4, 4, dtype=F64)
+    expected = (x - torch.tensor([1.0, -2.0], dtype=F64).view(1, 2, 1, 1)) / torch.sqrt(
+        torch.tensor([4.0, 0.5], dtype=F64).view(1, 2, 1, 1) + 1e-3) * torch.tensor([2.0, 0.5], dtype=F64).view(1, 2, 1, 1)
+    expected = expected + torch.tensor([0.0, 1.0], dtype=F64).view(1, 2, 1, 1)
+    torch.testing.assert_close(brn(x), expected, rtol=1e-12, atol=1e-12)
+    assert int(brn.num_batches_tracked) == 0
+
+
+def test_threaded_syncbn_of_a_bfloat16_model_keeps_float32_statistics(threaded_world) -> None:
+    """A bf16 model and input far from zero (mean 100, spacing 0.5 in bf16): statistics rounded
+    to bf16 would be off by up to 0.25, a quarter of a standard deviation. With float32
+    statistics the output is the pooled BatchNorm of the same bf16 values within bf16 rounding,
+    in bf16; running statistics in bf16 buffers; the input gradient in bf16."""
+    shards = [(shard(rank)[0][:, :, :3, :3] + 100).bfloat16() for rank in range(2)]
+    pooled = torch.cat([x.double().transpose(0, 1).reshape(2, -1) for x in shards], dim=1)
+    mean, var = pooled.mean(1), pooled.var(1, correction=0)
+
+    def rank_step(rank: int):
+        norm = make_syncbn(rank, threaded_world).bfloat16()
+        x = shards[rank].clone().requires_grad_()
+        out = norm(x)
+        out.float().sum().backward()
+        return out, x.grad, norm.running_mean.clone()
+
+    for rank, (out, grad, running_mean) in enumerate(run_ranks(rank_step)):
+        assert out.dtype == grad.dtype == running_mean.dtype == torch.bfloat16
+        x = shards[rank].double()
+        expected = (x - mean.view(1, 2, 1, 1)) / torch.sqrt(var.view(1, 2, 1, 1) + 1e-3) * WEIGHT.view(1, 2, 1, 1) + BIAS.view(1, 2, 1, 1)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=2e-2)
+        torch.testing.assert_close(running_mean.double(), 0.75 * 0.5 + 0.25 * mean, rtol=1e-2, atol=0)
+
+
+def test_threaded_syncbn_gives_the_weight_its_gradient_when_only_the_bias_is_frozen(threaded_world) -> None:
+    def rank_step(rank: int):
+        x, g = shard(rank)
+        norm = make_syncbn(rank, threaded_world)
+        norm.bias.requires_grad_(False)
+        (norm(x) * g).sum().backward()
+        return norm.weight.grad, norm.bias.grad
+
+    got = run_ranks(rank_step)
+    ref = pooled_reference()
+    assert got[0][1] is None and got[1][1] is None
+    torch.testing.assert_close(got[0][0] + got[1][0], ref["w_grad"], rtol=1e-10, atol=1e-12)
+
+
+def test_threaded_syncbn_of_two_values_per_channel_has_their_unbiased_running_variance(threaded_world) -> None:
+    """One 1x1 value per rank: n = 2 values per channel, unbiased variance (a - b)^2 / 2."""
+    values = [torch.tensor([1.0, -3.0], dtype=F64).view(1, 2, 1, 1), torch.tensor([4.0, 5.0], dtype=F64).view(1, 2, 1, 1)]
+
+    def rank_step(rank: int):
+        norm = make_syncbn(rank, threaded_world, momentum=1.0)
+        norm(values[rank])
+        return norm.running_mean.clone(), norm.running_var.clone()
+
+    for running_mean, running_var in run_ranks(rank_step):
+        torch.testing.assert_close(running_mean, torch.tensor([2.5, 1.0], dtype=F64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(running_var, torch.tensor([4.5, 32.0], dtype=F64), rtol=1e-12, atol=1e-12)
+
+
+# --- CBN's pieces against autograd and einsum --------------------------------------------------------
+
+from cbn_detect.norm.cbn_math import (  # noqa: E402
+    cbn_window_forward,
+    conv_geometry,
+    mean_input_patch,
+    sq_weight_grad,
+    taylor_products,
+)
+
+
+def _autograd_weight_grads(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """d mean(y_c) / dW and d E[y_c^2] / dW for every channel c, by autograd in float64."""
+    w = conv.weight.detach().double().requires_grad_()
+    y = F.conv2d(x.double(), w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    d_mean = torch.autograd.grad(y.mean((0, 2, 3)).sum(), w, retain_graph=True)[0]
+    d_sq = torch.autograd.grad((y**2).mean((0, 2, 3)).sum(), w)[0]
+    return d_mean, d_sq
+
+
+@pytest.mark.parametrize(
+    "conv_kw",
+    [dict(kernel_size=1, padding=(1, 0)), dict(kernel_size=1, padding=1), dict(kernel_size=2),
+     dict(kernel_size=1, stride=2), dict(kernel_size=3, padding=1, dilation=2, stride=(1, 2))],
+)
+def test_mean_input_patch_is_autograds_derivative_of_the_mean(conv_kw) -> None:
+    """For 1x1 convs with and without padding (only the unpadded one may take the strided-mean
+    shortcut), a 2x2 kernel, strides and dilation: (Cin, kh, kw), equal to autograd's d mean(y)/dW
+    of any output channel (ungrouped: the same patch for all)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 2, bias=False, **conv_kw)
+    x = torch.randn(2, 3, 7, 6, dtype=F64) + 1.0
+    y = conv.double()(x)
+    patch = mean_input_patch(x, conv_geometry(conv), tuple(y.shape[-2:]))
+    d_mean, _ = _autograd_weight_grads(x, conv)
+    assert patch.shape == d_mean.shape[1:] and patch.dtype == F64
+    torch.testing.assert_close(patch, d_mean[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(patch, d_mean[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel_size, padding", [(1, 0), (3, 1)])
+def test_mean_input_patch_of_bfloat16_input_is_accumulated_in_float32(kernel_size, padding) -> None:
+    """bf16 input of mean 64: summed in bf16 the patch would be off by ~1e-2 relative; in the
+    statistics dtype (float32) it matches float64 autograd to float32 rounding - also when written
+    into a float32 ``out``."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 1, kernel_size, padding=padding, bias=False)
+    x = (torch.rand(8, 4, 9, 9) * 8 + 60).bfloat16()
+    y_hw = (9, 9)
+    d_mean, _ = _autograd_weight_grads(x.double(), conv)
+    patch = mean_input_patch(x, conv_geometry(conv), y_hw)
+    assert patch.dtype == torch.float32
+    torch.testing.assert_close(patch.double(), d_mean[0], rtol=1e-6, atol=0)
+    out = torch.empty(4, kernel_size, kernel_size)
+    returned = mean_input_patch(x, conv_geometry(conv), y_hw, out=out)
+    torch.testing.assert_close(out.double(), d_mean[0], rtol=1e-6, atol=0)
+    assert returned.shape == out.shape
+
+
+def test_sq_weight_grad_of_float16_does_not_overflow_where_the_plain_sum_would() -> None:
+    """fp16, M = 4 x 48 x 48 = 9216 positions of values ~3: the weight-gradient convolution's plain
+    sum of x*y (~9216 * 9 = 83k) exceeds fp16's 65504 (shown below: it is inf); scaled operands
+    keep it finite. The result is d E[y^2]/dW = 2/M sum x*y over the same fp16 values, computed
+    in float64, within fp16 rounding."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1 / 6)
+    x = (torch.rand(4, 2, 48, 48) + 2.5).half()
+    y = F.conv2d(x.float(), conv.weight, padding=1).half()
+    m = y.shape[0] * y.shape[2] * y.shape[3]
+
+    def weight_grad(grad_y: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        weight = torch.empty(conv.weight.shape, dtype=inp.dtype)
+        return torch.ops.aten.convolution_backward(
+            grad_y, inp, weight, None, (1, 1), (1, 1), (1, 1), False, [0], 1, (False, True, False))[1]
+
+    assert torch.isinf(weight_grad(y, x)).any()  # the unscaled fp16 sum overflows
+    expected = weight_grad(y.double(), x.double()) * (2 / m)
+    got = sq_weight_grad(x, y, conv_geometry(conv))
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, rtol=5e-3, atol=0)
+
+
+@pytest.mark.parametrize("groups, channels", [(1, 1), (2, 4)])
+def test_taylor_products_are_einsum_contractions(groups, channels) -> None:
+    """W . patch (patch per input channel, shared by a group's output channels) and W . dsq, for
+    every slot, against einsum; without ``out``, for one channel, and for a bf16 weight against
+    float32 history."""
+    torch.manual_seed(0)
+    s, cin, k = 3, 4, 3
+    w = torch.randn(channels, cin // groups, k, k)
+    patch, dsq = torch.randn(s, cin, k, k), torch.randn(s, channels, cin // groups, k, k)
+    got = taylor_products(w, patch, dsq, groups)
+    assert got.shape == (s, 2, channels)
+    group_patch = patch.view(s, groups, cin // groups, k, k).repeat_interleave(channels // groups, dim=1)
+    torch.testing.assert_close(got[:, 0], torch.einsum("cikl,scikl->sc", w, group_patch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[:, 1], torch.einsum("cikl,scikl->sc", w, dsq), rtol=1e-5, atol=1e-5)
+    half = taylor_products(w.bfloat16(), patch, dsq, groups)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half[:, 1], torch.einsum("cikl,scikl->sc", w.bfloat16().float(), dsq), rtol=1e-5, atol=1e-5)
+
+
+def test_a_stored_batch_of_zero_variance_is_kept() -> None:
+    """A dead channel's stored batch (all zeros: mean 0, E[y^2] 0, variance exactly 0) is a valid
+    entry, not a negative-variance one: the window's mean is (m + 0) / 2, its variance
+    (v + (m - mean)^2 + (0 - mean)^2) / 2, computed here for the masked path (``filled`` unknown)."""
+    y = torch.tensor([[[[1.0, 3.0]]], [[[5.0, 7.0]]]], dtype=F64)  # one channel: mean 4, variance 5
+    res = cbn_window_forward(
+        y, torch.ones(1, dtype=F64), torch.zeros(1, dtype=F64), 0.0, 0.0,
+        torch.zeros(1, 1, dtype=F64), torch.zeros(1, 1, dtype=F64), torch.tensor([True]), None,
+    )
+    mean, var = 2.0, (5.0 + 4.0 + 4.0) / 2
+    assert res.count.tolist() == [2.0] and res.keep.tolist() == [[True]]
+    torch.testing.assert_close(res.out, (y - mean) / var**0.5, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiled-branch"])
+def test_window_forward_of_bfloat16_keeps_float32_statistics_and_updates_bf16_buffers(compiling, monkeypatch) -> None:
+    """bf16 input of mean 50 with bf16 running buffers (a bf16 model): the batch statistics are
+    float32 (exact to float32 rounding against float64), the output bf16 BatchNorm of the batch
+    (empty history), and the buffers get BatchNorm's update with the unbiased variance, rounded
+    to bf16. Both the eager path and the branch given to torch.compile."""
+    if compiling:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(0)
+    y = (torch.randn(2, 3, 4, 4) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1) + 50).bfloat16()
+    running_mean, running_var = torch.zeros(3, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16)
+    res = cbn_window_forward(
+        y, torch.ones(3), torch.zeros(3), 1e-5, 1.0, torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([False]),
+        None, (running_mean, running_var, 0.5),
+    )
+    y64 = y.double()
+    mean, var = y64.mean((0, 2, 3)), y64.var((0, 2, 3), correction=0)
+    assert res.cur_mean.dtype == res.cur_var.dtype == torch.float32 and res.out.dtype == torch.bfloat16
+    torch.testing.assert_close(res.cur_mean.double(), mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(res.cur_var.double(), var, rtol=1e-5, atol=0)
+    expected = (y64 - mean.view(1, 3, 1, 1)) / torch.sqrt(var.view(1, 3, 1, 1) + 1e-5)
+    torch.testing.assert_close(res.out.double(), expected, rtol=2e-2, atol=2e-2)
+    assert running_mean.dtype == torch.bfloat16
+    torch.testing.assert_close(running_mean.double(), 0.5 * mean, rtol=1e-2, atol=0)
+    torch.testing.assert_close(running_var.double(), 0.5 + 0.5 * var * 32 / 31, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiled-branch"])
+def test_window_forward_of_one_value_per_channel_keeps_running_variance_finite(compiling, monkeypatch) -> None:
+    """One value per channel (batch 1 on a 1x1 map): variance 0, and BatchNorm's unbiased factor
+    m / (m - 1) is taken as 1, not 1/0."""
+    if compiling:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    y = torch.tensor([2.0, -1.0]).view(1, 2, 1, 1)
+    running_mean, running_var = torch.zeros(2), torch.ones(2)
+    res = cbn_window_forward(
+        y, torch.ones(2), torch.zeros(2), 1e-5, 1.0, torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([False]),
+        None, (running_mean, running_var, 0.25),
+    )
+    assert res.out.abs().max() == 0.0
+    torch.testing.assert_close(running_mean, torch.tensor([0.5, -0.25]))
+    torch.testing.assert_close(running_var, torch.tensor([0.75, 0.75]))
