@@ -303,3 +303,16 @@ def test_evaluation_errors_say_what_is_wrong() -> None:
         voc_ap.evaluate_voc(gt, dets, ["cat", "dog"])
     with pytest.raises(ValueError, match=r"^detection labels must lie in 1\.\.3$"):
         voc_ap.evaluate_voc(gt, make_dets([[(4, 0.9, (1, 1, 10, 10))], []]), ["cat", "dog", "bird"])
+
+
+def test_box_conversions_return_float64_whatever_they_are_given() -> None:
+    """VOC XML gives integer pixels and a detector float32 boxes: both come back float64 (the
+    types' contract), integer input shifted exactly, float32 input widened before the +1."""
+    from cbn_detect.voc import voc_to_xyxy, xyxy_to_voc
+
+    xyxy = voc_to_xyxy(np.array([[1, 2, 30, 40]]))
+    assert xyxy.dtype == np.float64 and xyxy.tolist() == [[0.0, 1.0, 30.0, 40.0]]
+    f32 = np.array([[0.1, 2.7, 30.3, 40.9]], dtype=np.float32)
+    voc = xyxy_to_voc(f32)
+    assert voc.dtype == np.float64
+    assert voc.tolist() == [[float(f32[0, 0]) + 1.0, float(f32[0, 1]) + 1.0, float(f32[0, 2]), float(f32[0, 3])]]

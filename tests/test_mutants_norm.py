@@ -306,26 +306,28 @@ def test_brn_gradient_treats_r_and_d_as_constants() -> None:
 # --- CBN against a brute-force reference -----------------------------------------------------------
 
 
-def cbn_reference_step(x, weight, past, conv_kw, norm_w, norm_b, eps):
+def cbn_reference_step(x, weight, past, conv_kw, norm_w, norm_b, eps, rho=1.0, bias=None):
     """One CBN training forward written from the paper's definition, in float64: the current
     batch's statistics under the current conv weight W_t (differentiable), and each stored batch s
     (its conv input x_s and the weight W_s of then) compensated to W_t by a first-order Taylor
     expansion computed with autograd: stat_s(W_s) + (W_t - W_s) . d stat_s / dW at W_s, for the
     mean and for E[y^2] (constants for the gradient). Entries with a negative compensated variance
-    are dropped; the window's moments are the average over the current batch and the kept entries."""
-    y = F.conv2d(x, weight, **conv_kw)
+    are dropped; the window's moments are the average over the current batch and the kept entries.
+    ``rho`` scales the Taylor terms (1: the paper's compensation). A conv ``bias`` is not
+    compensated: a stored batch keeps the bias b_s it was computed with."""
+    y = F.conv2d(x, weight, bias, **conv_kw)
     cur_mean = y.mean((0, 2, 3))
     cur_var = ((y - cur_mean.view(1, -1, 1, 1)) ** 2).mean((0, 2, 3))
     w_now = weight.detach()
     means, sqs = [], []
-    for x_s, w_s in past:
+    for x_s, w_s, b_s in past:
         w_s = w_s.clone().requires_grad_()
-        y_s = F.conv2d(x_s, w_s, **conv_kw)
+        y_s = F.conv2d(x_s, w_s, b_s, **conv_kw)
         stats = (y_s.mean((0, 2, 3)), (y_s**2).mean((0, 2, 3)))
         comp = []
         for stat in stats:  # per channel c: stat_c + sum over w of (W_t - W_s) * d stat_c / dW
             rows = [torch.autograd.grad(stat[c], w_s, retain_graph=True)[0] for c in range(stat.shape[0])]
-            comp.append(stat.detach() + torch.stack([((w_now - w_s.detach()) * r).sum() for r in rows]))
+            comp.append(stat.detach() + rho * torch.stack([((w_now - w_s.detach()) * r).sum() for r in rows]))
         means.append(comp[0])
         sqs.append(comp[1])
     count = torch.ones_like(cur_mean)
@@ -346,8 +348,12 @@ def cbn_reference_step(x, weight, past, conv_kw, norm_w, norm_b, eps):
 
 
 @pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiled-branch"])
-@pytest.mark.parametrize("conv_kw, lr", [(dict(padding=1), 0.5), (dict(padding=1), 5.0), (dict(stride=2, groups=2), 0.5)])
-def test_cbn_training_equals_the_brute_force_reference_step_by_step(conv_kw, lr, compiling, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "conv_kw, lr, rho",
+    [(dict(padding=1), 0.5, 1.0), (dict(padding=1), 5.0, 1.0), (dict(stride=2, groups=2), 0.5, 1.0),
+     (dict(padding="same", dilation=2), 0.5, 0.5), (dict(padding=1), 0.5, 2.0), (dict(padding=1, bias=True), 0.5, 1.0)],
+)
+def test_cbn_training_equals_the_brute_force_reference_step_by_step(conv_kw, lr, rho, compiling, monkeypatch) -> None:
     """Five SGD steps of conv -> CBN (window 3, no burn-in, rho 1) in float64 against
     ``cbn_reference_step``: outputs, the conv's and the norm's gradients, the running statistics
     (BatchNorm's EMA of the current batch alone). The learning rate moves the weights enough that
@@ -361,10 +367,17 @@ def test_cbn_training_equals_the_brute_force_reference_step_by_step(conv_kw, lr,
     if compiling:
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
 
+    conv_kw = dict(conv_kw)
+    use_bias = conv_kw.pop("bias", False)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 6, 3, bias=False, **conv_kw), nn.BatchNorm2d(6, eps=1e-3, momentum=0.2))
-    model = convert_norm(model.double(), "cbn", window=3, burnin=0, eps=1e-3, momentum=0.2).double()
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, bias=use_bias, **conv_kw), nn.BatchNorm2d(6, eps=1e-3, momentum=0.2))
+    model = convert_norm(model.double(), "cbn", window=3, burnin=0, eps=1e-3, momentum=0.2, rho=rho).double()
     weight = model[0].weight.detach().clone()
+    conv_b = None
+    if use_bias:
+        with torch.no_grad():
+            model[0].bias.copy_(torch.linspace(-1.0, 2.0, 6))
+        conv_b = model[0].bias.detach().clone()
     norm_w, norm_b = torch.linspace(0.5, 1.5, 6, dtype=F64), torch.linspace(-0.2, 0.3, 6, dtype=F64)
     with torch.no_grad():
         model[1].weight.copy_(norm_w), model[1].bias.copy_(norm_b)
@@ -381,10 +394,13 @@ def test_cbn_training_equals_the_brute_force_reference_step_by_step(conv_kw, lr,
 
         w_ref = weight.clone().requires_grad_()
         nw, nb = norm_w.clone().requires_grad_(), norm_b.clone().requires_grad_()
-        ref, cur_mean, cur_var = cbn_reference_step(x, w_ref, past, conv_kw, nw, nb, 1e-3)
+        b_ref = None if conv_b is None else conv_b.clone().requires_grad_()
+        ref, cur_mean, cur_var = cbn_reference_step(x, w_ref, past, conv_kw, nw, nb, 1e-3, rho, b_ref)
         (ref * g).mean().backward()
         torch.testing.assert_close(out, ref.detach(), rtol=1e-9, atol=1e-10, msg=lambda m: f"step {step}: {m}")
         torch.testing.assert_close(model[0].weight.grad, w_ref.grad, rtol=1e-8, atol=1e-10)
+        if use_bias:
+            torch.testing.assert_close(model[0].bias.grad, b_ref.grad, rtol=1e-8, atol=1e-10)
         torch.testing.assert_close(model[1].weight.grad, nw.grad, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(model[1].bias.grad, nb.grad, rtol=1e-9, atol=1e-10)
         m = x.shape[0] * out.shape[2] * out.shape[3]
@@ -396,17 +412,19 @@ def test_cbn_training_equals_the_brute_force_reference_step_by_step(conv_kw, lr,
             biggest_taylor = max(biggest_taylor, float(model[1].last_window.delta_mean.abs().max()))
         counts.append(model[1].last_window.count.tolist())
 
-        past = (past + [(x, weight.clone())])[-2:]
+        past = (past + [(x, weight.clone(), None if conv_b is None else conv_b.clone())])[-2:]
         optimizer.step()
         with torch.no_grad():
             weight -= lr * w_ref.grad
+            if use_bias:
+                conv_b -= lr * b_ref.grad
             norm_w -= lr * nw.grad
             norm_b -= lr * nb.grad
         torch.testing.assert_close(model[0].weight.detach(), weight, rtol=1e-9, atol=1e-11)
         optimizer.zero_grad()
-    if lr == 0.5:
-        assert counts == [[float(min(step, 2) + 1)] * 6 for step in range(5)] and biggest_taylor > 0.1
-    else:
+    if lr == 0.5 and rho <= 1.0:
+        assert counts == [[float(min(step, 2) + 1)] * 6 for step in range(5)] and biggest_taylor > 0.05
+    elif lr == 5.0:
         assert min(min(c) for c in counts[1:]) < max(max(c) for c in counts[1:]) and biggest_taylor > 1e-2
 
 
@@ -625,8 +643,8 @@ def test_window_forward_of_bfloat16_keeps_float32_statistics_and_updates_bf16_bu
     y = (torch.randn(2, 3, 4, 4) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1) + 50).bfloat16()
     running_mean, running_var = torch.zeros(3, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16)
     res = cbn_window_forward(
-        y, torch.ones(3), torch.zeros(3), 1e-5, 1.0, torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([False]),
-        None, (running_mean, running_var, 0.5),
+        y, torch.ones(3, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.bfloat16), 1e-5, 1.0, torch.zeros(1, 3),
+        torch.zeros(1, 3), torch.tensor([False]), None, (running_mean, running_var, 0.5),
     )
     y64 = y.double()
     mean, var = y64.mean((0, 2, 3)), y64.var((0, 2, 3), correction=0)
@@ -643,7 +661,7 @@ def test_window_forward_of_bfloat16_keeps_float32_statistics_and_updates_bf16_bu
 @pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiled-branch"])
 def test_window_forward_of_one_value_per_channel_keeps_running_variance_finite(compiling, monkeypatch) -> None:
     """One value per channel (batch 1 on a 1x1 map): variance 0, and BatchNorm's unbiased factor
-    m / (m - 1) is taken as 1, not 1/0."""
+    m / (m - 1) is taken as 1, not 1/0. Two values a and b: the unbiased variance (a - b)^2 / 2."""
     if compiling:
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     y = torch.tensor([2.0, -1.0]).view(1, 2, 1, 1)
@@ -655,3 +673,126 @@ def test_window_forward_of_one_value_per_channel_keeps_running_variance_finite(c
     assert res.out.abs().max() == 0.0
     torch.testing.assert_close(running_mean, torch.tensor([0.5, -0.25]))
     torch.testing.assert_close(running_var, torch.tensor([0.75, 0.75]))
+
+    y = torch.tensor([[2.0, 4.0], [-1.0, 5.0]]).view(1, 2, 1, 2)  # two values per channel
+    running_mean, running_var = torch.zeros(2), torch.ones(2)
+    cbn_window_forward(
+        y, torch.ones(2), torch.zeros(2), 1e-5, 1.0, torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([False]),
+        None, (running_mean, running_var, 1.0),
+    )
+    torch.testing.assert_close(running_mean, torch.tensor([3.0, 2.0]))
+    torch.testing.assert_close(running_var, torch.tensor([2.0, 18.0]))
+
+
+def test_conv_geometry_resolves_same_and_valid_padding_and_refuses_what_it_cannot_express() -> None:
+    """'same' pads dilation * (kernel - 1) / 2 per side (integers: they reach F.pad and the
+    weight-gradient convolution); an even effective kernel in either dimension would need
+    asymmetric padding, and non-zero padding modes change which pixels an output sees: refused."""
+    geom = conv_geometry(nn.Conv2d(2, 2, (3, 5), padding="same", dilation=(2, 3), stride=1))
+    assert geom.padding == (2, 6) and all(type(p) is int for p in geom.padding)
+    assert conv_geometry(nn.Conv2d(2, 2, 3, padding="valid")).padding == (0, 0)
+    assert conv_geometry(nn.Conv2d(2, 4, 3, padding=(1, 2), stride=2, groups=2)) == ((2, 2), (1, 2), (1, 1), 2, (4, 1, 3, 3))
+    for kernel in ((2, 3), (3, 2), (2, 2)):
+        with pytest.raises(ValueError, match=r"^CBN cannot handle asymmetric 'same' padding \(even effective kernel\)$"):
+            conv_geometry(nn.Conv2d(2, 2, kernel, padding="same"))
+    with pytest.raises(ValueError, match=r"^CBN supports only zero-padded convs, got padding_mode='reflect'$"):
+        conv_geometry(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+
+
+def test_sq_weight_grad_in_float64_and_of_float32_input_with_float16_output() -> None:
+    """float64: autograd's d E[y^2]/dW to 1e-12, returned in float64. Under fp16 autocast the conv's
+    input may still be float32 while y is fp16: the same result as for the fp16-rounded input."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    y = F.conv2d(x, conv.weight.double(), padding=1)
+    _, d_sq = _autograd_weight_grads(x, conv)
+    got = sq_weight_grad(x, y, conv_geometry(conv))
+    assert got.dtype == F64
+    torch.testing.assert_close(got, d_sq, rtol=1e-12, atol=1e-12)
+    y16, x16 = y.half(), x.half()
+    torch.testing.assert_close(sq_weight_grad(x.float(), y16, conv_geometry(conv)), sq_weight_grad(x16, y16, conv_geometry(conv)),
+                               rtol=2e-3, atol=2e-3)
+
+
+# --- CBN's bookkeeping ---------------------------------------------------------------------------------
+
+
+def _cbn_layer(window: int = 3, burnin: int = 0) -> nn.Sequential:
+    from cbn_detect.norm import convert_norm
+
+    torch.manual_seed(0)
+    return convert_norm(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)), "cbn",
+                        window=window, burnin=burnin)
+
+
+def _extra(norm) -> dict:
+    state = norm.get_extra_state()
+    return {**{k: v for k, v in state.items() if k != "history"}, **{f"h.{k}": v.clone() for k, v in state["history"].items()}}
+
+
+def test_step_state_and_restore_undo_exactly_one_training_forward() -> None:
+    """Saved views of the slot the next forward overwrites, copied, then put back: the layer's
+    counters and history are as before that forward - at every fill level, slot wrap included.
+    Nothing to save in eval mode, before a burn-in forward (it fills no slot) or at window 1."""
+    model = _cbn_layer(window=3)
+    for step in range(5):
+        x = torch.randn(2, 2, 5, 5)
+        before = _extra(model[1])
+        counters, views = model[1].step_state()
+        assert counters == (step, min(step, 2), step % 2) and set(views) == {"stats", "patch", "dsq"}
+        saved = {k: v.clone() for k, v in views.items()}
+        model(x)
+        assert _extra(model[1])["num_steps"] == step + 1
+        model[1].restore_step_state(counters, saved)
+        after = _extra(model[1])
+        assert after.keys() == before.keys()
+        for key in before:
+            assert torch.equal(after[key], before[key]) if isinstance(before[key], torch.Tensor) else after[key] == before[key], (step, key)
+        model(x)  # and now for real
+    assert model[1].eval().step_state()[1] == {}
+    assert _cbn_layer(window=1).train()[1].step_state()[1] == {}
+    burning = _cbn_layer(burnin=2)
+    assert burning[1].step_state() == ((0, 0, 0), {})
+    burning(torch.randn(2, 2, 5, 5))
+    assert burning[1].step_state()[1] == {}  # the second burn-in forward fills no slot either
+    burning(torch.randn(2, 2, 5, 5))
+    assert set(burning[1].step_state()[1]) == {"stats", "patch", "dsq"}
+
+
+def test_history_bytes_is_every_slot_of_every_field() -> None:
+    """window 4 on a 2 -> 3 channel 3x3 conv, float32: per slot 4 statistic rows x 3 channels, a
+    2 x 3 x 3 input patch and a 3 x 2 x 3 x 3 derivative: (12 + 18 + 54) x 4 bytes, 3 slots."""
+    from cbn_detect.norm import convert_norm
+
+    model = convert_norm(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)), "cbn", window=4)
+    assert model[1].history_bytes() == 3 * (12 + 18 + 54) * 4
+
+
+def test_a_failing_compiler_on_auto_falls_back_to_the_reference_for_good(monkeypatch, caplog) -> None:
+    """fused="auto" on CUDA: a torch.compile failure is logged once, names the error, and every
+    later call takes the reference path; fused="on" raises instead."""
+    import cbn_detect.norm.cbn as cbn_module
+
+    def broken():
+        def call(*args):
+            raise RuntimeError("no compiler")
+        return call
+
+    monkeypatch.setattr(cbn_module, "_compiled_window_forward", broken)
+    monkeypatch.setattr(cbn_module._FusedPath, "usable", True)
+    model = _cbn_layer()
+    model(torch.randn(2, 2, 5, 5))  # fills a slot
+    calls: list = []
+    monkeypatch.setattr(cbn_module, "cbn_window_forward", lambda *args: calls.append(len(args)) or "reference")
+    layer = model[1]
+    args = (None,) * 11
+    caplog.set_level("WARNING", logger="cbn_detect.norm.cbn")
+    assert layer._run_window_forward(args, on_cuda=True) == "reference"
+    assert cbn_module._FusedPath.usable is False and calls == [11]
+    assert [r.getMessage() for r in caplog.records] == ["CBN: torch.compile failed (RuntimeError: no compiler); using the reference path"]
+    assert layer._run_window_forward(args, on_cuda=True) == "reference" and len(caplog.records) == 1
+    assert layer._run_window_forward(args, on_cuda=False) == "reference"
+    layer.fused = "on"
+    with pytest.raises(RuntimeError, match="no compiler"):
+        layer._run_window_forward(args, on_cuda=False)
