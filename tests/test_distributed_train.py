@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from cbn_detect.data.build import build_dataset, class_names
 from cbn_detect.runtime import DistInfo
 from cbn_detect.evaluation.evaluator import evaluate
+from cbn_detect.models.fold import inference_copy
 from cbn_detect.train import build_model
 from tests.conftest import CONF_DIR, REPO, TINY_RUN
 
@@ -48,14 +49,15 @@ def test_torchrun_two_processes_match_a_single_process_evaluation(tmp_path: Path
     torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1): same kernels, same rounding
     try:
         single = evaluate(
-            net, test_set, test_set.ground_truth(), classes, torch.device("cpu"), DistInfo(),
+            inference_copy(net), test_set, test_set.ground_truth(), classes, torch.device("cpu"), DistInfo(),
             batch=1, workers=0, metrics=["voc07"], coco=False, detections_dir=tmp_path / "single", split="test",
         )
     finally:
         torch.set_num_threads(threads)
     assert single["map_voc07"] == results["map_voc07"]
     assert single["ap_per_class"] == results["ap_per_class"]
-    # Bit-exact detections, scores included: both shards used rank 0's BN running statistics.
+    # Bit-exact detections, scores included: both shards used rank 0's BN running statistics, and
+    # both evaluations the same folded inference copy (the fast path every evaluation takes).
     assert results["num_detections"] > 0
     for path in sorted((tmp_path / "single").glob("comp4_det_test_*.txt")):
         assert path.read_text() == (run_dir / "detections" / path.name).read_text(), path.name

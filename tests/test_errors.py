@@ -209,7 +209,7 @@ DIVERGED = Results(status="diverged", model="m", norm="n", batch=1, world_size=1
 )
 def test_run_closes_every_sink_however_it_ends(ending, monkeypatch: pytest.MonkeyPatch) -> None:
     sinks = [RecordingSink(), RecordingSink()]
-    monkeypatch.setattr(train, "setup", lambda cfg, run_dir, group: SimpleNamespace(sinks=sinks))
+    monkeypatch.setattr(train, "setup", lambda cfg, run_dir, group, several_jobs=False: SimpleNamespace(sinks=sinks))
     monkeypatch.setattr(train, "finish_diverged", lambda job, err: DIVERGED)
     monkeypatch.setattr(train, "finish", lambda job: DIVERGED)
 
