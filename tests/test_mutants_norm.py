@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbn_detect.norm import BatchRenorm2d
+from cbn_detect.norm import CrossIterationBatchNorm2d
 from cbn_detect.norm.syncbn import SyncBatchNorm2d
 
 F64 = torch.float64
@@ -774,8 +775,11 @@ def test_a_failing_compiler_on_auto_falls_back_to_the_reference_for_good(monkeyp
     later call takes the reference path; fused="on" raises instead."""
     import cbn_detect.norm.cbn as cbn_module
 
+    compiled_args: list = []
+
     def broken():
         def call(*args):
+            compiled_args.append(len(args))
             raise RuntimeError("no compiler")
         return call
 
@@ -796,3 +800,141 @@ def test_a_failing_compiler_on_auto_falls_back_to_the_reference_for_good(monkeyp
     layer.fused = "on"
     with pytest.raises(RuntimeError, match="no compiler"):
         layer._run_window_forward(args, on_cuda=False)
+    assert compiled_args == [10, 10]  # the compiled graph gets every argument but ``filled``
+
+
+def test_cbn_defaults_are_the_documented_ones_and_each_bad_option_is_refused() -> None:
+    """Window 4, rho 1, eps and momentum as conf/norm/cbn.yaml (read with yaml); burn-in 1000
+    iterations as the class docstring says (the config derives its own from the schedule).
+    Each invalid option alone is refused with the one message."""
+    from cbn_detect.runtime.errors import ConfigError
+
+    cbn, conf = CrossIterationBatchNorm2d(2), _conf("cbn")
+    assert (cbn.window, cbn.rho, cbn.eps, cbn.momentum, cbn.fused) == (conf["window"], conf["rho"], conf["eps"], conf["momentum"], conf["fused"])
+    assert cbn.burnin == 1000
+    message = r"^CBN needs norm.window >= 1, norm.burnin >= 0 and a float norm.momentum \(no cumulative average\), got "
+    for options in (dict(window=0), dict(burnin=-1), dict(momentum=None)):
+        with pytest.raises(ConfigError, match=message):
+            CrossIterationBatchNorm2d(2, **options)
+    with pytest.raises(ConfigError, match=r"^norm.fused='yes' must be one of \('auto', 'on', 'off'\)$"):
+        CrossIterationBatchNorm2d(2, fused="yes")
+
+
+def test_an_unwired_cbn_says_so_in_full() -> None:
+    norm = CrossIterationBatchNorm2d(4, burnin=0)
+    expected = ("CBN layer '<CBN not wired by convert_norm>': its input is not the output of the latest "
+                "training-mode call of its producing conv. Wire it with convert_norm and apply it "
+                "directly to that conv's output, right after the conv runs.")
+    with pytest.raises(RuntimeError) as err:
+        norm(torch.randn(2, 4, 3, 3))
+    assert str(err.value) == expected
+
+
+def test_cbn_counts_its_steps_and_names_its_history_fields() -> None:
+    """One step per training forward (burn-in included) in num_batches_tracked; the saved history
+    has its named fields with per-slot shapes: window 3 -> 2 slots of a 2 -> 3 channel 3x3 conv."""
+    model = _cbn_layer(window=3, burnin=1)
+    for step in range(1, 4):
+        model(torch.randn(2, 2, 5, 5))
+        assert int(model[1].num_batches_tracked) == step
+    history = model[1].get_extra_state()["history"]
+    assert {k: tuple(v.shape) for k, v in history.items()} == {
+        "mean": (2, 3), "sq": (2, 3), "wpatch": (2, 3), "wdsq": (2, 3), "patch": (2, 2, 3, 3), "dsq": (2, 3, 2, 3, 3)}
+
+
+def test_a_checkpoint_history_of_another_window_is_refused_in_full() -> None:
+    model, other = _cbn_layer(window=3), _cbn_layer(window=2)
+    model(torch.randn(2, 2, 5, 5))
+    with pytest.raises(ValueError) as err:
+        other[1].set_extra_state(model[1].get_extra_state())
+    assert str(err.value).startswith("CBN layer '1': checkpoint history {")
+    assert str(err.value).endswith("(different window or conv, or a checkpoint saved before convert_norm)")
+
+
+def test_window_forward_of_bfloat16_buffers_uses_the_per_channel_count_for_the_unbiased_variance() -> None:
+    """bf16 buffers (a bf16 model) take the separate running-statistics update: for 8 images of a
+    1x1 map the unbiased factor is 8 / 7 (m values per channel), not 24 / 23 (values per row)."""
+    y = torch.arange(24, dtype=torch.float32).view(8, 3, 1, 1).bfloat16()
+    running_mean, running_var = torch.zeros(3, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16)
+    cbn_window_forward(
+        y, torch.ones(3), torch.zeros(3), 1e-5, 1.0, torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([False]),
+        None, (running_mean, running_var, 1.0),
+    )
+    var = y.double().var((0, 2, 3), correction=1)  # 8 values per channel, 3 apart: 9 * var(0..7) unbiased = 54
+    torch.testing.assert_close(running_var.double(), var, rtol=8e-3, atol=0)
+    assert var.tolist() == [54.0, 54.0, 54.0]
+
+
+def test_cbn_after_a_frozen_conv_trains_its_affine_parameters() -> None:
+    """A frozen producing conv and an input without gradient: the window step's backward computes
+    no input gradient, only the affine ones - autograd's on the brute-force reference."""
+    model = _cbn_layer(window=3)
+    model[0].weight.requires_grad_(False)
+    past = []
+    for step in range(3):
+        x = torch.randn(2, 2, 5, 5)
+        out = model(x)
+        g = torch.randn(out.shape)
+        (out * g).sum().backward()
+        nw, nb = model[1].weight.detach().double().clone().requires_grad_(), model[1].bias.detach().double().clone().requires_grad_()
+        ref, _, _ = cbn_reference_step(x.double(), model[0].weight.double(), past, dict(padding=1), nw, nb, model[1].eps)
+        (ref * g.double()).sum().backward()
+        torch.testing.assert_close(model[1].weight.grad.double(), nw.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model[1].bias.grad.double(), nb.grad, rtol=1e-4, atol=1e-4)
+        assert model[0].weight.grad is None
+        model[1].weight.grad = model[1].bias.grad = None
+        past = (past + [(x.double(), model[0].weight.double().clone(), None)])[-2:]
+    assert model[1].last_window.count.min() == 3
+
+
+def test_cbn_history_round_trips_for_naive_cbn_and_few_channels_without_sharing_memory() -> None:
+    """Naive CBN (2 statistic rows) on 6 channels and Taylor CBN (4 rows) on 3: the state of a
+    trained layer loads into a fresh one, which then continues exactly as the original; the
+    loaded history is a copy (training on does not write into the checkpoint's tensors)."""
+    from cbn_detect.norm import convert_norm
+
+    for rho, channels in ((0.0, 6), (1.0, 3)):
+        def make():
+            torch.manual_seed(0)
+            conv_bn = nn.Sequential(nn.Conv2d(2, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
+            return convert_norm(conv_bn, "cbn", window=3, burnin=0, rho=rho)
+
+        model, fresh = make(), make()
+        xs = [torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        for x in xs[:3]:
+            model(x)
+        state = model[1].get_extra_state()
+        saved = {k: v.clone() for k, v in state["history"].items()}
+        fresh[1].set_extra_state(state)
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(fresh(xs[3]), model(xs[3]), rtol=0, atol=0)
+        assert all(torch.equal(state["history"][k], saved[k]) for k in saved), rho
+
+
+def test_a_history_saved_with_weight_copies_loads_as_their_offsets() -> None:
+    """Checkpoints of before the weight copies were dropped hold, per slot, a copy W_s of the conv
+    weight: loading one turns it into the offsets W_s . patch_s and W_s . dsq_s (einsum here)."""
+    model = _cbn_layer(window=3)
+    for _ in range(2):
+        model(torch.randn(2, 2, 5, 5))  # no optimizer step: W_s is the conv weight for both slots
+    state = model[1].get_extra_state()
+    history = {k: v for k, v in state["history"].items() if k not in ("wpatch", "wdsq")}
+    weights = model[0].weight.detach().expand(2, *model[0].weight.shape).clone()
+    old = {**state, "history": {**history, "weight": weights}}
+    fresh = _cbn_layer(window=3)
+    fresh[1].set_extra_state(old)
+    loaded = fresh[1].get_extra_state()["history"]
+    w = model[0].weight.detach()
+    torch.testing.assert_close(loaded["wpatch"], torch.einsum("cikl,sikl->sc", w, history["patch"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loaded["wdsq"], torch.einsum("cikl,scikl->sc", w, history["dsq"]), rtol=1e-5, atol=1e-6)
+    assert "weight" not in loaded and torch.equal(loaded["mean"], history["mean"])
+    unwired = CrossIterationBatchNorm2d(3, window=3)  # no conv to check the copies against
+    with pytest.raises(ValueError, match="does not fit this layer"):
+        unwired.set_extra_state(old)
+
+
+def test_attaching_cbn_to_a_conv_of_other_width_names_both() -> None:
+    from cbn_detect.norm.producer import ProducerLink
+
+    with pytest.raises(ValueError, match=r"^CBN layer 'head.norm' has 4 channels but its conv produces 3$"):
+        CrossIterationBatchNorm2d(4).attach(ProducerLink(nn.Conv2d(2, 3, 3)), "head.norm")
