@@ -4,6 +4,8 @@ matching, loss and post-processing. Kills `make mutate`'s surviving mutants of m
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -178,3 +180,53 @@ def test_retinanet_with_no_norm_detects_and_learns_exactly_as_torchvisions(extra
     assert set(got) == set(expected) == {"classification", "bbox_regression"}
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+# --- builders pass every setting on ------------------------------------------------------------------
+
+
+def test_build_ssd_passes_every_setting_to_torchvisions_ssd() -> None:
+    """Non-default values, read back where torchvision's SSD keeps them; the predictors: a tower
+    of ``head_convs`` conv-norm-ReLU blocks, then a 3x3 conv with a zero bias exactly when it has
+    no output norm."""
+    from torchvision.models.detection._utils import SSDMatcher
+
+    torch.manual_seed(0)
+    model = build_ssd(
+        NUM_CLASSES, ResNetFeatureMaps("resnet10", 4), EXTRAS, size=96, head_convs=2, output_norm=False,
+        image_mean=(0.1, 0.2, 0.3), image_std=(0.5, 0.6, 0.7), score_thresh=0.2, nms_thresh=0.3,
+        detections_per_img=17, topk_candidates=33, iou_thresh=0.6, positive_fraction=0.4,
+    )
+    assert model.transform.image_mean == [0.1, 0.2, 0.3] and model.transform.image_std == [0.5, 0.6, 0.7]
+    assert (model.score_thresh, model.nms_thresh, model.detections_per_img, model.topk_candidates) == (0.2, 0.3, 17, 33)
+    assert isinstance(model.proposal_matcher, SSDMatcher) and model.proposal_matcher.high_threshold == 0.6
+    assert model.neg_to_pos_ratio == pytest.approx((1 - 0.4) / 0.4)
+    assert model.transform.min_size == (96,) and model.transform.max_size == 96
+    block = model.head.classification_head.module_list[0]
+    assert [type(m).__name__ for m in block] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU", "Conv2d"]
+    assert block[-1].bias is not None and torch.equal(block[-1].bias, torch.zeros_like(block[-1].bias))
+    with_norm = build_ssd(NUM_CLASSES, ResNetFeatureMaps("resnet10", 4), EXTRAS).head.regression_head.module_list[0]
+    assert [type(m).__name__ for m in with_norm] == ["Conv2d", "BatchNorm2d"] and with_norm[0].bias is None
+    defaults = build_ssd(NUM_CLASSES, ResNetFeatureMaps("resnet10", 4), EXTRAS)
+    assert (defaults.topk_candidates, defaults.proposal_matcher.high_threshold, defaults.neg_to_pos_ratio) == (400, 0.5, 3.0)
+
+
+def test_ssd_settings_that_do_not_fit_are_named() -> None:
+    from cbn_detect.runtime.errors import ConfigError
+
+    trunk = ResNetFeatureMaps("resnet10", 4)
+    with pytest.raises(ConfigError, match=r"^model.scales needs 7 entries \(one per map plus the last\), got 6$"):
+        build_ssd(NUM_CLASSES, trunk, EXTRAS, scales=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6))
+    with pytest.raises(ConfigError, match=r"^model.steps needs 6 entries \(one per map\), got 5$"):
+        build_ssd(NUM_CLASSES, trunk, EXTRAS, steps=(8, 16, 32, 64, 100))
+    build_ssd(NUM_CLASSES, trunk, EXTRAS, scales=None, steps=None)  # both optional
+
+
+def test_resnet_feature_maps_defaults_and_stage_checks() -> None:
+    from cbn_detect.runtime.errors import ConfigError
+
+    assert ResNetFeatureMaps().out_channels == [512, 1024, 2048]  # ResNet-50 at base width 64, stages 2-4
+    assert ResNetFeatureMaps("resnet10", 4, (1, 4)).out_channels == [4, 32]
+    for stages in ([], [3, 2], [2, 2], [0, 2], [2, 5]):
+        with pytest.raises(ConfigError, match="^" + re.escape(f"model.trunk.returned_stages={stages} must be increasing stage numbers in 1..4") + "$"):
+            ResNetFeatureMaps("resnet10", 4, stages)
