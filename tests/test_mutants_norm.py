@@ -905,13 +905,13 @@ def test_cbn_history_round_trips_for_naive_cbn_and_few_channels_without_sharing_
             model(x)
         state = model[1].get_extra_state()
         saved = {k: v.clone() for k, v in state["history"].items()}
-        fresh[1].set_extra_state(state)
         fresh.load_state_dict(model.state_dict())
+        fresh[1].set_extra_state(state)
         torch.testing.assert_close(fresh(xs[3]), model(xs[3]), rtol=0, atol=0)
         assert all(torch.equal(state["history"][k], saved[k]) for k in saved), rho
 
 
-def test_a_history_saved_with_weight_copies_loads_as_their_offsets() -> None:
+def test_a_history_saved_with_weight_copies_loads_as_their_offsets(caplog) -> None:
     """Checkpoints of before the weight copies were dropped hold, per slot, a copy W_s of the conv
     weight: loading one turns it into the offsets W_s . patch_s and W_s . dsq_s (einsum here)."""
     model = _cbn_layer(window=3)
@@ -922,7 +922,9 @@ def test_a_history_saved_with_weight_copies_loads_as_their_offsets() -> None:
     weights = model[0].weight.detach().expand(2, *model[0].weight.shape).clone()
     old = {**state, "history": {**history, "weight": weights}}
     fresh = _cbn_layer(window=3)
+    caplog.set_level("INFO", logger="cbn_detect.norm.cbn")
     fresh[1].set_extra_state(old)
+    assert [r.getMessage() for r in caplog.records] == ["CBN layer '1': converted a checkpoint history with weight copies"]
     loaded = fresh[1].get_extra_state()["history"]
     w = model[0].weight.detach()
     torch.testing.assert_close(loaded["wpatch"], torch.einsum("cikl,sikl->sc", w, history["patch"]), rtol=1e-5, atol=1e-6)
@@ -931,6 +933,11 @@ def test_a_history_saved_with_weight_copies_loads_as_their_offsets() -> None:
     unwired = CrossIterationBatchNorm2d(3, window=3)  # no conv to check the copies against
     with pytest.raises(ValueError, match="does not fit this layer"):
         unwired.set_extra_state(old)
+    from cbn_detect.norm import convert_norm
+
+    wider = convert_norm(nn.Sequential(nn.Conv2d(4, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)), "cbn", window=3)
+    with pytest.raises(ValueError, match="does not fit this layer"):  # copies of another conv's weight
+        wider[1].set_extra_state(old)
 
 
 def test_attaching_cbn_to_a_conv_of_other_width_names_both() -> None:
