@@ -230,3 +230,21 @@ def test_resnet_feature_maps_defaults_and_stage_checks() -> None:
     for stages in ([], [3, 2], [2, 2], [0, 2], [2, 5]):
         with pytest.raises(ConfigError, match="^" + re.escape(f"model.trunk.returned_stages={stages} must be increasing stage numbers in 1..4") + "$"):
             ResNetFeatureMaps("resnet10", 4, stages)
+
+
+def test_retinanet_head_towers_start_as_the_papers_and_declare_their_producers() -> None:
+    """Lin et al. 2017 initialise the head convs from N(0, 0.01^2) (sample std of 2304 weights
+    within 10%); every per-level norm names the shared conv before it."""
+    from cbn_detect.models.retinanet import PerLevelNormTower
+
+    torch.manual_seed(0)
+    tower = PerLevelNormTower(16, num_convs=3, num_levels=2)
+    for conv in tower.conv:
+        assert conv.bias is None and abs(float(conv.weight.detach().std()) - 0.01) < 1e-3
+    assert tower.norm_producers() == {f"norms.{i}.{level}": tower.conv[i] for i in range(3) for level in range(2)}
+    assert all(isinstance(n, nn.BatchNorm2d) for per_level in tower.norms for n in per_level)
+    x = torch.randn(2, 16, 5, 5)
+    expected = x
+    for i in range(3):
+        expected = torch.relu(tower.norms[i][1](tower.conv[i](expected)))
+    torch.testing.assert_close(tower(x, level=1), expected)

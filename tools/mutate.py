@@ -103,7 +103,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "ssd": ("cbn_detect/models/ssd.py", [*_SSD_TESTS, "tests/test_mutants_models.py"]),
     "cbn_math": ("cbn_detect/norm/cbn_math.py", [*_CBN_TESTS, "tests/test_mutants_norm.py"]),
     "cbn": ("cbn_detect/norm/cbn.py", [*_CBN_TESTS, *_CBN_EXTRA_TESTS, "tests/test_mutants_norm.py"]),
-    "retinanet": ("cbn_detect/models/retinanet.py", ["tests/test_mutants_models.py", "tests/test_models.py"]),
+    "retinanet": (
+        "cbn_detect/models/retinanet.py",
+        ["tests/test_mutants_models.py", "tests/test_models.py", "tests/test_retinanet_batched.py"],
+    ),
     "retinanet_batched": (
         "cbn_detect/models/retinanet_batched.py",
         ["tests/test_retinanet_batched.py", "tests/test_mutants_models.py"],
