@@ -248,3 +248,72 @@ def test_retinanet_head_towers_start_as_the_papers_and_declare_their_producers()
     for i in range(3):
         expected = torch.relu(tower.norms[i][1](tower.conv[i](expected)))
     torch.testing.assert_close(tower(x, level=1), expected)
+
+
+def test_build_retinanet_defaults_are_the_papers_model() -> None:
+    """The builder's defaults: the study's base config (conf/model/base/retinanet.yaml, read with
+    yaml) for the network, torchvision's RetinaNet for image size and matching thresholds (the
+    config picks a smaller image size), the paper's prior 0.01 for the classification bias."""
+    import inspect
+
+    import yaml
+
+    from cbn_detect.models.retinanet import ClassificationHead
+    from tests.conftest import CONF_DIR
+
+    ours = {k: p.default for k, p in inspect.signature(build_retinanet).parameters.items() if k != "num_classes"}
+    conf = yaml.safe_load((CONF_DIR / "model" / "base" / "retinanet.yaml").read_text())
+    theirs = {k: p.default for k, p in inspect.signature(RetinaNet.__init__).parameters.items()}
+    for key in ("depth", "base_width", "fpn_channels", "extra_levels", "head_convs", "score_thresh", "nms_thresh",
+                "detections_per_img", "topk_candidates"):
+        assert ours[key] == conf[key], key
+    assert list(ours["returned_stages"]) == conf["returned_stages"] and list(ours["anchor_sizes"]) == conf["anchor_sizes"]
+    for key in ("min_size", "max_size", "fg_iou_thresh", "bg_iou_thresh"):
+        assert ours[key] == theirs[key], key
+    assert ours["prior_probability"] == 0.01
+    head = ClassificationHead(8, 9, 4, num_convs=1, num_levels=1)
+    torch.testing.assert_close(head.cls_logits.bias, torch.full((36,), -float(torch.log(torch.tensor(99.0)))))
+
+
+def test_batched_losses_apply_only_to_torchvisions_own_rules() -> None:
+    """The batch-wide loss applies to torchvision's matcher, heads and l1 / smooth_l1 box losses;
+    anything else (a matcher or head subclass, another box loss) keeps torchvision's per-image code."""
+    from torchvision.models.detection._utils import Matcher
+
+    from cbn_detect.models.retinanet import RetinaNetDetector
+
+    def tiny():
+        torch.manual_seed(0)
+        return build_retinanet(NUM_CLASSES, depth="resnet10", base_width=4, fpn_channels=8, extra_levels="none",
+                               anchor_sizes=(16, 32, 64), head_convs=1, min_size=64, max_size=64)
+
+    model = tiny()
+    assert model._batched_loss_applies()
+    model.head.regression_head._loss_type = "smooth_l1"
+    assert model._batched_loss_applies()
+    model.head.regression_head._loss_type = "giou"
+    assert not model._batched_loss_applies()
+
+    class MyMatcher(Matcher):
+        pass
+
+    model = tiny()
+    model.proposal_matcher = MyMatcher(0.5, 0.4, allow_low_quality_matches=True)
+    assert not model._batched_loss_applies()
+    for part in ("head", "classification_head", "regression_head"):
+        model = tiny()
+        owner = model if part == "head" else model.head
+        module = getattr(owner, part)
+        subclass = type("Custom", (type(module),), {"compute_loss": lambda self, *a: None})
+        module.__class__ = subclass
+        assert not model._batched_loss_applies(), part
+    assert isinstance(tiny(), RetinaNetDetector)
+
+
+def test_a_one_level_retinanet_builds_and_detects() -> None:
+    torch.manual_seed(0)
+    model = build_retinanet(NUM_CLASSES, depth="resnet10", base_width=4, fpn_channels=8, returned_stages=(4,),
+                            extra_levels="none", anchor_sizes=(32,), head_convs=1, min_size=64, max_size=64).eval()
+    assert model.head.classification_head.cls_logits.out_channels == 9 * (NUM_CLASSES + 1)
+    with torch.no_grad():
+        assert model([torch.rand(3, 64, 64)])[0]["boxes"].shape[1] == 4
