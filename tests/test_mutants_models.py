@@ -227,7 +227,7 @@ def test_resnet_feature_maps_defaults_and_stage_checks() -> None:
 
     assert ResNetFeatureMaps().out_channels == [512, 1024, 2048]  # ResNet-50 at base width 64, stages 2-4
     assert ResNetFeatureMaps("resnet10", 4, (1, 4)).out_channels == [4, 32]
-    for stages in ([], [3, 2], [2, 2], [0, 2], [2, 5]):
+    for stages in ([], [3, 2], [2, 2], [0, 2], [2, 5], [2, 3, 5]):
         with pytest.raises(ConfigError, match="^" + re.escape(f"model.trunk.returned_stages={stages} must be increasing stage numbers in 1..4") + "$"):
             ResNetFeatureMaps("resnet10", 4, stages)
 
@@ -262,6 +262,16 @@ def test_build_retinanet_defaults_are_the_papers_model() -> None:
     from tests.conftest import CONF_DIR
 
     ours = {k: p.default for k, p in inspect.signature(build_retinanet).parameters.items() if k != "num_classes"}
+    # the signature, and what a call with no options builds (what a wrapper could not fake)
+    torch.manual_seed(0)
+    built = build_retinanet(NUM_CLASSES)
+    assert (built.transform.min_size, built.transform.max_size) == ((800,), 1333)
+    assert (built.score_thresh, built.nms_thresh, built.detections_per_img, built.topk_candidates) == (0.05, 0.5, 100, 1000)
+    assert (built.proposal_matcher.high_threshold, built.proposal_matcher.low_threshold) == (0.5, 0.4)
+    assert built.backbone.out_channels == 256 and len(built.anchor_generator.sizes) == 5
+    assert built.anchor_generator.sizes[0][0] == 32 and built.anchor_generator.sizes[-1][0] == 512
+    assert len(built.head.classification_head.conv.conv) == 4 and len(built.backbone.body.layer3) == 6
+    assert built.backbone.body.conv1.out_channels == 64
     conf = yaml.safe_load((CONF_DIR / "model" / "base" / "retinanet.yaml").read_text())
     theirs = {k: p.default for k, p in inspect.signature(RetinaNet.__init__).parameters.items()}
     for key in ("depth", "base_width", "fpn_channels", "extra_levels", "head_convs", "score_thresh", "nms_thresh",
