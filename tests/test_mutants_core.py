@@ -316,3 +316,35 @@ def test_box_conversions_return_float64_whatever_they_are_given() -> None:
     voc = xyxy_to_voc(f32)
     assert voc.dtype == np.float64
     assert voc.tolist() == [[float(f32[0, 0]) + 1.0, float(f32[0, 1]) + 1.0, float(f32[0, 2]), float(f32[0, 3])]]
+
+
+# --- devkit files ------------------------------------------------------------------------------------
+
+
+def test_devkit_files_round_trip_with_another_prefix_into_a_new_folder_in_file_order(tmp_path: Path, caplog) -> None:
+    """comp3 files written into a folder that does not exist yet (parents made) read back per image
+    class by class, file order kept within a class - with 40 detections, where an unstable sort of
+    the image index would shuffle them. An empty folder reads as no detections, with a warning."""
+    from cbn_detect.evaluation.devkit_io import read_detections, write_detections
+    from cbn_detect.voc import Detections
+
+    n = 40
+    labels = np.array([1 + (k * 7) % 3 for k in range(n)], dtype=np.int64)
+    scores = np.linspace(0.9, 0.1, n)
+    boxes = np.stack([np.arange(n), np.arange(n), np.arange(n) + 5, np.arange(n) + 5], axis=1).astype(float)
+    dets = Detections(["a", "b"], [boxes, boxes[:3]], [scores, scores[:3]], [labels, labels[:3]])
+    out = tmp_path / "new" / "results"
+    paths = write_detections(dets, ["x", "y", "z"], out, "test", prefix="comp3_det")
+    assert [p.name for p in paths] == ["comp3_det_test_x.txt", "comp3_det_test_y.txt", "comp3_det_test_z.txt"]
+    back = read_detections(out, ["x", "y", "z"], "test", ["a", "b"], prefix="comp3_det")
+    order = np.argsort(labels, kind="stable")  # class by class, file (= array) order within
+    assert back.labels[0].tolist() == labels[order].tolist() and back.labels[0].dtype == np.int64
+    assert back.scores[0].tolist() == scores[order].tolist()
+    assert back.boxes[0].tolist() == boxes[order].tolist()
+    assert back.labels[1].tolist() == sorted(labels[:3].tolist())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    caplog.set_level(logging.WARNING, logger="cbn_detect.evaluation.devkit_io")
+    none = read_detections(empty, ["x"], "val", ["a"])
+    assert none.labels[0].dtype == np.int64 and none.labels[0].size == 0 and none.boxes[0].shape == (0, 4)
+    assert [r.getMessage() for r in caplog.records] == [f"{empty} holds no comp4_det_val_<class>.txt file: no detections"]
