@@ -96,7 +96,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "devkit_io": ("cbn_detect/evaluation/devkit_io.py", ["tests/test_devkit_io.py", "tests/test_mutants_core.py"]),
     "annotations": (
         "cbn_detect/voc/annotations.py",
-        ["tests/test_voc_ground_truth.py", "tests/test_devkit_io.py", "tests/test_mutants_core.py"],
+        ["tests/test_voc_ground_truth.py", "tests/test_devkit_io.py", "tests/test_data_errors.py", "tests/test_mutants_core.py"],
     ),
     "brn": ("cbn_detect/norm/brn.py", ["tests/test_norm_brn.py", "tests/test_mutants_norm.py"]),
     "syncbn": ("cbn_detect/norm/syncbn.py", ["tests/test_mutants_norm.py"]),
