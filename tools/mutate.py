@@ -73,6 +73,15 @@ _SSD_TESTS = [  # test_ssd.py without its tiny training run (12 s)
         "test_the_resnet50_ssd300_has_ssd300s_maps_and_default_boxes",
     )
 ]
+_VOC_EVAL_TESTS = [  # test_voc_eval_cli.py without its one subprocess run (2 s, and no mutant is seen in a child)
+    f"tests/test_voc_eval_cli.py::{name}"
+    for name in (
+        "test_ground_truth_written_as_results_scores_full_marks", "test_default_classes_are_voc_and_missing_class_files_mean_no_detections",
+        "test_malformed_line_is_one_error_line_naming_file_and_line", "test_missing_results_dir_and_unknown_metric",
+        "test_synthetic_detections_scored_without_classes_from_the_dataset_metadata",
+        "test_classes_come_from_the_result_files_when_they_are_not_voc", "test_no_result_file_to_score_is_one_error_line",
+    )
+]
 
 # module name -> (file to mutate, the fast test files that cover it). Keep each list to tests of a
 # few seconds: mutmut runs them once to map tests to functions, then the covering ones per mutant.
@@ -93,10 +102,14 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "voc_ap": ("cbn_detect/evaluation/voc_ap.py", ["tests/test_voc_ap.py", "tests/test_mutants_core.py"]),
-    "devkit_io": ("cbn_detect/evaluation/devkit_io.py", ["tests/test_devkit_io.py", "tests/test_mutants_core.py"]),
+    "devkit_io": (
+        "cbn_detect/evaluation/devkit_io.py",
+        ["tests/test_devkit_io.py", "tests/test_mutants_core.py", "tests/test_mutants_voc.py", *_VOC_EVAL_TESTS],
+    ),
     "annotations": (
         "cbn_detect/voc/annotations.py",
-        ["tests/test_voc_ground_truth.py", "tests/test_devkit_io.py", "tests/test_data_errors.py", "tests/test_mutants_core.py"],
+        ["tests/test_voc_ground_truth.py", "tests/test_devkit_io.py", "tests/test_data_errors.py", "tests/test_mutants_core.py",
+         "tests/test_mutants_voc.py"],
     ),
     "brn": ("cbn_detect/norm/brn.py", ["tests/test_norm_brn.py", "tests/test_mutants_norm.py"]),
     "syncbn": ("cbn_detect/norm/syncbn.py", ["tests/test_mutants_norm.py"]),
