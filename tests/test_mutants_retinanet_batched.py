@@ -1,0 +1,265 @@
+"""Small hand-worked cases for cbn_detect.models.retinanet_batched that kill the mutants the
+torchvision-comparison tests (tests/test_retinanet_batched.py) let survive. Every expected value
+comes from torchvision (Matcher, box_iou, nms, sigmoid_focal_loss, BoxCoder), a plain Python loop
+or arithmetic by hand - never from the module under test."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.models.detection._utils import BoxCoder, Matcher
+from torchvision.ops import box_iou, nms, sigmoid_focal_loss
+
+from cbn_detect.models import retinanet_batched as batched
+
+
+# ---------------------------------------------------------------- pad_targets
+
+
+def test_pad_targets_of_no_images_is_empty():
+    boxes, labels, valid = batched.pad_targets([], torch.device("cpu"))
+    assert boxes.shape == (0, 0, 4) and labels.shape == (0, 0) and valid.shape == (0, 0)
+    assert boxes.dtype == torch.float32
+
+
+def test_pad_targets_keeps_a_single_images_float64_boxes():
+    t = [{"boxes": torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64), "labels": torch.tensor([5])}]
+    boxes, labels, valid = batched.pad_targets(t, torch.device("cpu"))
+    assert boxes.dtype == torch.float64
+    assert boxes.tolist() == [[[1.0, 2.0, 3.0, 4.0]]] and labels.tolist() == [[5]] and valid.tolist() == [[True]]
+
+
+# ---------------------------------------------------------------- pairwise_iou
+
+
+def test_pairwise_iou_of_disjoint_and_subpixel_overlaps_equals_box_iou():
+    gt = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 0.5, 0.5]]])
+    anchors = torch.tensor([[[20.0, 20.0, 30.0, 30.0], [9.5, 9.5, 20.0, 20.0], [0.0, 0.0, 10.0, 10.0]]])
+    got = batched.pairwise_iou(gt, anchors)
+    assert torch.equal(got[0], box_iou(gt[0], anchors[0]))
+    assert got[0, 0, 0] == 0.0
+
+
+# ---------------------------------------------------------------- match / assign
+
+
+def _matcher_case():
+    # IoUs with the box (0, 0, 10, 10): 0.4 and 0.5 exactly (the thresholds), 0.3 (below low, but
+    # the box's best anchor), then 0.45 only with box 2 (between the thresholds).
+    # float64, so that 40 / 100 is the threshold 0.4 itself
+    gt = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [100.0, 100.0, 110.0, 110.0]]], dtype=torch.float64)
+    anchors = torch.tensor([[[0.0, 0.0, 10.0, 4.0], [0.0, 0.0, 10.0, 5.0], [50.0, 50.0, 60.0, 60.0],
+                             [100.0, 100.0, 110.0, 103.0]]], dtype=torch.float64)
+    return gt, anchors
+
+
+@pytest.mark.parametrize("low_quality", [False, True])
+def test_match_at_the_exact_thresholds_equals_torchvisions_matcher(low_quality):
+    gt, anchors = _matcher_case()
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    got = batched.assign(gt, valid, anchors, 0.5, 0.4, low_quality)
+    expected = Matcher(0.5, 0.4, low_quality)(box_iou(gt[0], anchors[0]))
+    assert torch.equal(got[0], expected)
+    # the case reaches every rule: = low, = high, below low, low-quality only
+    if not low_quality:
+        assert got[0].tolist() == [-2, 0, -1, -1]
+
+
+def test_match_without_boxes_is_int64_minus_one():
+    got = batched.assign(torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.bool), torch.zeros(2, 3, 4), 0.5, 0.4, True)
+    assert got.dtype == torch.int64 and got.tolist() == [[-1] * 3] * 2
+
+
+def test_assign_with_more_boxes_than_anchors():
+    gt = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 9.0, 10.0], [20.0, 20.0, 30.0, 30.0]]])
+    anchors = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 29.0]]])
+    got = batched.assign(gt, torch.ones(1, 3, dtype=torch.bool), anchors, 0.5, 0.4, True)
+    assert torch.equal(got[0], Matcher(0.5, 0.4, True)(box_iou(gt[0], anchors[0])))
+
+
+# ---------------------------------------------------------------- focal loss
+
+
+def _focal_inputs(dtype):
+    logits = torch.tensor([[21.0, -3.0, 0.7], [-21.5, 2.5, 30.0], [0.1, -0.2, 0.3337]], dtype=dtype)
+    pos_rows, pos_cols = torch.tensor([0, 2]), torch.tensor([1, 2])
+    target = torch.zeros(3, 3, dtype=torch.float64)
+    target[pos_rows, pos_cols] = 1.0
+    return logits, pos_rows, pos_cols, target
+
+
+def test_focal_loss_in_float64_beyond_the_float32_softplus_threshold():
+    logits, rows, cols, target = _focal_inputs(torch.float64)
+    got = batched._FocalLossSum.apply(logits, torch.ones(3), rows, cols, 0.25, 2.0)
+    expected = sigmoid_focal_loss(logits, target, alpha=0.25, gamma=2.0, reduction="sum")
+    assert got.dtype == torch.float64
+    assert abs(got.item() - expected.item()) <= 1e-13 * abs(expected.item())
+
+
+def test_focal_loss_of_bfloat16_logits_is_computed_in_float32():
+    logits, rows, cols, target = _focal_inputs(torch.bfloat16)
+    x = logits.clone().requires_grad_()
+    weights = torch.tensor([0.5, 1.0, 0.25])
+    got = batched._FocalLossSum.apply(x, weights, rows, cols, 0.25, 2.0)
+    per_entry = sigmoid_focal_loss(logits.double(), target, alpha=0.25, gamma=2.0, reduction="none")
+    expected = (per_entry * weights.double()[:, None]).sum().item()
+    assert got.dtype == torch.float32
+    assert abs(got.item() - expected) <= 1e-6 * abs(expected)
+    got.backward()
+    assert x.grad.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- regression loss
+
+
+def _regression_case(n_images):
+    # every foreground anchor is its own ground-truth box: the encoded target is exactly 0, so
+    # each row's L1 loss is the sum of |prediction|
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [40.0, 0.0, 50.0, 10.0]])
+    anchors = anchors.expand(n_images, 3, 4).clone()
+    gt = anchors.clone()
+    pred = torch.tensor([[0.5, -0.25, 1.5, 0.0], [2.0, 0.0, 0.0, -1.0], [0.3, 0.3, 0.3, 0.3]])
+    pred = pred.expand(n_images, 3, 4).clone()
+    return pred, anchors, gt
+
+
+def test_regression_loss_defaults_to_l1_of_one_image_with_one_foreground_anchor():
+    pred, anchors, gt = _regression_case(1)
+    matched = torch.tensor([[0, -1, -2]])
+    got = batched.regression_loss(pred, anchors, gt, matched, BoxCoder((1.0, 1.0, 1.0, 1.0)))
+    assert got.item() == pytest.approx(0.5 + 0.25 + 1.5)
+
+
+def test_regression_loss_smooth_l1_uses_beta():
+    pred, anchors, gt = _regression_case(2)
+    matched = torch.tensor([[0, 1, -1], [-1, -1, 2]])
+    got = batched.regression_loss(pred, anchors, gt, matched, BoxCoder((1.0, 1.0, 1.0, 1.0)), "smooth_l1", beta=0.4)
+
+    def smooth(v, beta=0.4):
+        v = abs(v)
+        return 0.5 * v * v / beta if v < beta else v - 0.5 * beta
+
+    rows = [sum(smooth(v) for v in r) for r in pred[0].tolist()]
+    expected = ((rows[0] + rows[1]) / 2 + rows[2] / 1) / 2
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_regression_loss_names_the_unknown_loss():
+    pred, anchors, gt = _regression_case(1)
+    with pytest.raises(ValueError, match="giou"):
+        batched.regression_loss(pred, anchors, gt, torch.tensor([[0, -1, -1]]), BoxCoder((1.0,) * 4), "giou")
+
+
+# ---------------------------------------------------------------- _select_level
+
+
+def _select_by_loop(scores, thresh, topk):
+    out = torch.zeros_like(scores, dtype=torch.bool)
+    for i, row in enumerate(scores.tolist()):
+        kept = sorted((s, j) for j, s in enumerate(row) if s > thresh)[::-1][:topk]
+        for _, j in kept:
+            out[i, j] = True
+    return out
+
+
+def test_select_level_does_not_keep_a_score_equal_to_the_threshold():
+    scores = torch.tensor([[0.5, 0.75, 0.25]])
+    selected, tied = batched._select_level(scores, 0.5, 10)
+    assert selected.tolist() == [[False, True, False]] and tied.tolist() == [False]
+
+
+def test_select_level_ignores_nan_and_ties_below_the_threshold():
+    nan = float("nan")
+    # image 0 has more than k = 2 scores above the threshold (the top-k runs); image 1 keeps one
+    # score, and its 2nd and 3rd best are equal but below the threshold (no tie at the cut)
+    scores = torch.tensor([[nan, 0.9, 0.8, 0.7, nan, 0.6], [0.95, 0.01, 0.01, 0.0, 0.0, nan]])
+    selected, tied = batched._select_level(scores, 0.05, 2)
+    assert torch.equal(selected, _select_by_loop(scores, 0.05, 2))
+    assert tied.tolist() == [False, False]
+
+
+# ---------------------------------------------------------------- _ties_within_groups
+
+
+def test_ties_within_groups_name_the_right_image():
+    # num_classes 2: group 2 = image 1, class 0 holds the tie
+    group = torch.tensor([0, 1, 2, 2, 3])
+    scores = torch.tensor([0.5, 0.5, 0.3, 0.3, 0.9])
+    assert batched._ties_within_groups(group, scores, 2, 2).tolist() == [False, True]
+
+
+# ---------------------------------------------------------------- nms_per_image_and_class
+
+
+def _nms_by_loop(boxes, scores, img, labels):
+    keep = []
+    for key in sorted(set(zip(img.tolist(), labels.tolist()))):
+        idx = torch.tensor([k for k, (i, lab) in enumerate(zip(img.tolist(), labels.tolist())) if (i, lab) == key])
+        keep += idx[nms(boxes[idx], scores[idx], 0.05)].tolist()
+    return sorted(keep)
+
+
+def test_nms_of_few_boxes_keeps_neighbouring_classes_apart():
+    boxes = torch.tensor([[5.0, 0.0, 10.0, 10.0], [0.0, 0.0, 5.0, 10.0]])
+    scores = torch.tensor([0.9, 0.8])
+    img, labels = torch.tensor([0, 0]), torch.tensor([0, 1])
+    keep = batched.nms_per_image_and_class(boxes, scores, img, labels, 2, 0.05)
+    assert sorted(keep.tolist()) == _nms_by_loop(boxes, scores, img, labels) == [0, 1]
+
+
+def test_nms_of_many_boxes_keeps_more_images_than_classes_apart():
+    # 1002 boxes (over the few-boxes limit): two equal boxes in (image 2, class 0) and (image 0,
+    # class 1), and 1000 disjoint fillers
+    fill = torch.arange(1000, dtype=torch.float32) * 20
+    boxes = torch.cat([torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 2),
+                       torch.stack([fill, fill + 100, fill + 10, fill + 110], dim=1)])
+    scores = torch.linspace(0.9, 0.1, 1002)
+    img = torch.cat([torch.tensor([2, 0]), torch.ones(1000, dtype=torch.int64)])
+    labels = torch.cat([torch.tensor([0, 1]), torch.zeros(1000, dtype=torch.int64)])
+    keep = batched.nms_per_image_and_class(boxes, scores, img, labels, 2, 0.05)
+    assert sorted(keep.tolist()) == _nms_by_loop(boxes, scores, img, labels) == list(range(1002))
+
+
+# ---------------------------------------------------------------- postprocess fallbacks
+
+
+def _postprocess(level_logits, dpi):
+    """Disjoint 10 px anchors along x, zero deltas (boxes = anchors), 2 classes; the fallback
+    returns a marker so the test sees which images it answered."""
+    n = level_logits[0].shape[0]
+    anchors_per_level = []
+    offset = 0
+    for logits in level_logits:
+        a = logits.shape[1]
+        xs = (torch.arange(a, dtype=torch.float32) + offset) * 20
+        anchors_per_level.append(torch.stack([xs, torch.zeros(a), xs + 10, torch.full((a,), 10.0)], dim=1))
+        offset += a
+    deltas = [torch.zeros(n, lg.shape[1], 4) for lg in level_logits]
+    return batched.postprocess(
+        level_logits, deltas, [anchors_per_level] * n, [(1000, 1000)] * n, BoxCoder((1.0,) * 4),
+        score_thresh=0.05, topk_candidates=1, nms_thresh=0.5, detections_per_img=dpi,
+        per_image_fallback=lambda i: {"fallback": i},
+    )
+
+
+def test_a_tie_at_the_topk_cut_of_the_first_level_falls_back():
+    lo = -10.0
+    # level 0: image 0's two best are equal, in two classes (a tie at the top-1 cut, none within
+    # a class); level 1: no tie anywhere
+    level0 = torch.tensor([[[2.0, lo], [lo, 2.0]], [[3.0, lo], [lo, lo]]])
+    level1 = torch.tensor([[[1.0, lo], [lo, lo]], [[lo, 1.5], [lo, lo]]])
+    out = _postprocess([level0, level1], dpi=10)
+    assert out[0] == {"fallback": 0}
+    assert "fallback" not in out[1] and out[1]["labels"].tolist() == [0, 1]
+
+
+def test_equal_scores_inside_the_kept_detections_do_not_fall_back():
+    lo = -10.0
+    # one image, three levels of one anchor: scores 0.9, 0.8, 0.8 in different classes/anchors
+    levels = [torch.tensor([[[2.2, lo]]]), torch.tensor([[[lo, 1.4]]]), torch.tensor([[[1.4, lo]]])]
+    out = _postprocess(levels, dpi=3)
+    assert "fallback" not in out[0] and len(out[0]["scores"]) == 3
+    # and the same across the detections_per_img cut (2): torchvision's choice is unspecified
+    assert _postprocess(levels, dpi=2)[0] == {"fallback": 0}
