@@ -122,7 +122,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     ),
     "retinanet_batched": (
         "cbn_detect/models/retinanet_batched.py",
-        ["tests/test_retinanet_batched.py", "tests/test_mutants_models.py"],
+        ["tests/test_retinanet_batched.py", "tests/test_mutants_models.py", "tests/test_mutants_retinanet_batched.py"],
     ),
 }
 
