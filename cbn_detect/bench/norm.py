@@ -25,7 +25,14 @@ import torchvision
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from cbn_detect.bench.common import Variant, add_device_option, interleaved_medians, parse_with_tiny, timed_train_step
+from cbn_detect.bench.common import (
+    Variant,
+    add_device_option,
+    interleaved_medians,
+    parse_with_tiny,
+    timed_train_step,
+    torch_threads,
+)
 from cbn_detect.bench.train import NUM_CLASSES, synthetic_batch
 from cbn_detect.models import build_retinanet
 from cbn_detect.norm.cbn import CrossIterationBatchNorm2d
@@ -167,11 +174,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(argv: list[str]) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         print(format_table(benchmark(args), args))
-    finally:
-        torch.set_num_threads(threads)
     return 0

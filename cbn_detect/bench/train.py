@@ -35,6 +35,7 @@ from cbn_detect.bench.common import (
     interleaved_medians,
     parse_with_tiny,
     timed_train_step,
+    torch_threads,
 )
 from cbn_detect.models.backbone import ResNetTrunk
 from cbn_detect.models.retinanet import anchor_generator, build_retinanet
@@ -201,11 +202,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(argv: list[str]) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         print(format_table(benchmark(args), args))
-    finally:
-        torch.set_num_threads(threads)
     return 0
