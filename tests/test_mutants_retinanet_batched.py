@@ -111,6 +111,24 @@ def test_focal_loss_of_bfloat16_logits_is_computed_in_float32():
     assert x.grad.dtype == torch.bfloat16
 
 
+def test_focal_loss_of_a_million_confident_positives_cancels_in_float64():
+    """Positives at logit +40 (p = 1 in fp32): each is first charged as a negative,
+    (1 - alpha) * 40 * w (softplus(40) = 40 exactly), then corrected by alpha * 0 - (1 - alpha) * 40
+    * w. The two sums are ~3e7 but cancel to float32 residues (~1e-3 in all), so a float32
+    accumulation of either would be off by tenths or more; in float64 every partial sum here is exact
+    (1e6 terms of 24 bits, ~45 bits in all), so the float32 result is that exact sum rounded once."""
+    n, alpha = 1_000_003, 0.25
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(0)) + 0.5
+    rows = torch.arange(n)
+    got = batched._FocalLossSum.apply(torch.full((n, 1), 40.0), weights, rows, torch.zeros_like(rows), alpha, 2.0)
+    charged = (weights * 40.0).double().sum() * (1.0 - alpha)  # each term as float32 forms it
+    corrected = (weights * -(40.0 * (1.0 - alpha))).double().sum()
+    expected = (charged + corrected).float()
+    assert got.dtype == torch.float32
+    assert 0.0 < abs(expected.item()) < 1.0
+    assert got.item() == expected.item()
+
+
 # ---------------------------------------------------------------- regression loss
 
 
