@@ -188,6 +188,13 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         return self._window_step(x, conv_input)
 
+    # TorchDynamo (``train.compile``) must not trace the layer: its per-step counters and history
+    # slot are Python ints that a graph would guard on, so every training step would recompile the
+    # whole enclosing graph (minutes each) until dynamo's recompile limit. Run eagerly, the layer
+    # breaks the graph once and keeps its own compiled path (``fused``). Wrapped here rather than
+    # decorated so that ``make mutate`` (which skips decorated functions) still mutates ``forward``.
+    forward = torch.compiler.disable(forward)
+
     def _take_conv_input(self, x: Tensor) -> Tensor | None:
         if not self.needs_producer:
             return None
