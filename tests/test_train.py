@@ -134,13 +134,9 @@ def test_train_compile_with_cbn_compiles_once_and_trains_as_the_eager_run(tmp_pa
     args = [*TINY_RUN, "norm=cbn", "norm.burnin=2"]
     eager = _train([*args, f"hydra.run.dir={tmp_path / 'eager'}"], tmp_path)
     assert eager.returncode == 0, eager.stderr[-3000:]
-    env = {
-        **os.environ, "PYTHONPATH": str(REPO), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-        "TORCH_LOGS": "recompiles",
-    }
-    compiled = subprocess.run(
-        [sys.executable, "-m", "cbn_detect.train", *args, "train.compile=true", f"hydra.run.dir={tmp_path / 'compiled'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    compiled = _train(
+        [*args, "train.compile=true", f"hydra.run.dir={tmp_path / 'compiled'}"], tmp_path,
+        extra_env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TORCH_LOGS": "recompiles"},
     )
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     assert any((tmp_path / "inductor").rglob("*.py")), "inductor generated no code: nothing was compiled"
@@ -180,8 +176,8 @@ def _devkit_inputs(detections: Path, data_cfg, names) -> tuple[list, list]:
     return gt, dets
 
 
-def _train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _train(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
     return subprocess.run(
         [sys.executable, "-m", "cbn_detect.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
