@@ -49,6 +49,7 @@ from cbn_detect.jobs import identity, launch_job, launches_processes, run_job
 from cbn_detect.models import build_detector
 from cbn_detect.models.fold import inference_copy
 from cbn_detect.norm import convert_norm, resolve_burnin, use_native_sync_batchnorm
+from cbn_detect.overrides import refuse_unknown_overrides
 from cbn_detect.results import Results, completed_results, write_results
 from cbn_detect.runtime import (
     DistInfo,
@@ -253,7 +254,7 @@ class Run:
         with phase("checkpoint"):
             save_checkpoint(
                 checkpoint_path(self.run_dir, self.info), self.net, self.optimizer, self.scheduler, self.state,
-                self.precision,
+                self.precision, config=OmegaConf.to_container(self.cfg, resolve=False),  # evaluable on its own
             )
 
     def score(self) -> dict[str, Any] | None:
@@ -491,7 +492,8 @@ def finish(run: Run) -> Results:
                 inference_copy(run.net), run.test_set, run.device, s.fps_images, s.fps_warmup, progress=run.progress
             )
     results = Results(
-        status="completed", **run.identity(), **scores, fps=fps, **train_summary(run.state), eval_time_s=eval_time,
+        status="completed", **run.identity(), dataset_dir=str(run.test_set.root.absolute()), test_split=s.test_split,
+        **scores, fps=fps, **train_summary(run.state), eval_time_s=eval_time,
         data_problems={"train": dataset_problems(run.train_set), "test": dataset_problems(run.test_set)},
         device=str(run.device), amp=s.amp, torch=torch.__version__,
     )
@@ -554,5 +556,13 @@ def main(cfg: DictConfig) -> float:
     return outcome.metric
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m cbn_detect.train``: a misspelt key or group option is refused in one line with
+    exit code 2 before Hydra runs anything (``cbn_detect.overrides``: Hydra's own answer is a
+    multi-line error whose ``+key`` hint trains with the key ignored); then Hydra takes over."""
+    refuse_unknown_overrides("cbn_detect.train")
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -20,13 +20,17 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"voc", "runtime"},
     "tracking": {"runtime"},
     "results": {"runtime"},
+    "overrides": set(),
     "engine": {"voc", "runtime", "norm", "models", "data", "tracking"},
     "evaluation": {"voc", "runtime", "data"},
     "jobs": {"voc", "runtime", "data", "engine", "results"},
-    "train": {"voc", "runtime", "norm", "models", "data", "tracking", "results", "engine", "evaluation", "jobs"},
-    "evaluate": {"voc", "runtime", "norm", "models", "data", "tracking", "results", "engine", "evaluation", "jobs", "train"},
+    "train": {"voc", "runtime", "norm", "models", "data", "tracking", "results", "engine", "evaluation", "jobs", "overrides"},
+    "evaluate": {
+        "voc", "runtime", "norm", "models", "data", "tracking", "results", "engine", "evaluation", "jobs", "train",
+        "overrides",
+    },
     "report": {"runtime", "stats", "results", "evaluation"},
-    "voc_eval": {"voc", "runtime", "evaluation"},
+    "voc_eval": {"voc", "runtime", "evaluation", "results"},
     "bench": {"voc", "runtime", "norm", "models", "data", "engine", "evaluation", "results", "jobs", "train"},
 }
 
