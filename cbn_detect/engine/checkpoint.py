@@ -1,12 +1,21 @@
 """Checkpoints hold everything a run needs to continue bit for bit: weights (norm state and CBN
-history included), optimizer, schedule, fp16 loss scale, progress inside the epoch and every RNG. Written atomically."""
+history included), optimizer, schedule, fp16 loss scale, progress inside the epoch and every RNG,
+plus the run's composed config (``config``), so that a checkpoint copied out of its run folder can
+still be evaluated on its own. Written atomically.
+
+Reading one for anything but a resume goes through :func:`read_checkpoint` (a truncated file is
+named as such), and :func:`compare_state_dicts` says why saved weights do not fit a model: another
+detector, another norm, or another number of classes, told apart by the state-dict keys alone."""
 
 from __future__ import annotations
 
 import logging
 import re
+from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,18 +54,22 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
     precision: Precision,
+    config: Mapping[str, Any] | None = None,
 ) -> None:
-    io.save_torch(
-        path,
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": precision.state_dict(),
-            "state": asdict(state),
-            "rng": rng_state(),
-        },
-    )
+    """Write the checkpoint atomically. ``config``: the run's composed config as plain containers
+    (what ``<run_dir>/.hydra/config.yaml`` holds, interpolations kept), stored as ``config`` so that
+    ``cbn_detect.evaluate`` can rebuild the model from the checkpoint file alone; resuming ignores it."""
+    payload: dict[str, Any] = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": precision.state_dict(),
+        "state": asdict(state),
+        "rng": rng_state(),
+    }
+    if config is not None:
+        payload["config"] = dict(config)
+    io.save_torch(path, payload)
 
 
 def load_checkpoint(
@@ -94,3 +107,205 @@ def _first_sentence(err: Exception, limit: int = 200) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+"""The first bytes of every file torch.save writes (a zip archive since torch 1.6)."""
+
+
+def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """The payload :func:`save_checkpoint` wrote, on the CPU; ``mmap`` maps the tensors instead of
+    reading them (a cheap look at the config or progress of a large checkpoint).
+
+    A file torch cannot read is a :class:`CheckpointError` naming it in one line: "corrupt or
+    truncated" for an empty file or a damaged zip archive (a copy cut short or a full disk leaves
+    one; torch then reports a missing zip "central directory", or EOFError), else "not a checkpoint".
+    The user can act on either, so neither keeps torch's traceback."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(ZIP_MAGIC))
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path} ({err.strerror or err})") from err
+    if not head:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated (an empty file)")
+    is_zip = head == ZIP_MAGIC
+    try:
+        # mmap needs the zip format; anything else is read whole (and fails below if foreign)
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap and is_zip)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        if is_zip or isinstance(err, EOFError):
+            raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({_first_sentence(err)})") from err
+        raise CheckpointError(f"{path} is not a checkpoint torch can read ({_first_sentence(err)})") from err
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise CheckpointError(f"{path} is not a cbn_detect checkpoint (no 'model' weights in it)")
+    return payload
+
+
+NORM_KINDS: dict[str, str] = {
+    "BatchNorm": "running_mean, running_var and num_batches_tracked: bn, syncbn or brn",
+    "CBN": "BatchNorm's keys plus its history in _extra_state: cbn or cbn_naive",
+    "FrozenBN": "running_mean and running_var, no num_batches_tracked",
+    "GroupNorm": "weight and bias only, no running_mean/running_var",
+}
+"""The norm layers a state dict can reveal, with the keys that reveal them. bn, syncbn and brn
+keep the same keys (so do cbn and cbn_naive): their weights load into one another."""
+
+DETECTOR_HEADS: dict[str, str] = {
+    "head.classification_head.cls_logits.": "RetinaNet",
+    "head.classification_head.module_list.": "SSD",
+}
+"""Key prefixes that name the detector family (``models.retinanet`` / ``models.ssd`` heads)."""
+
+CLASSIFICATION = "classification_head."
+"""Keys of the class-score layers: the only ones whose size follows the number of classes."""
+
+Shape = tuple[int, ...]
+
+
+def norm_layers(state: Mapping[str, Any]) -> dict[str, str]:
+    """Module path -> kind (a key of :data:`NORM_KINDS`) of every norm layer of a detector's state
+    dict, told by the layer's keys: BN-like layers by their buffers (CBN adds its history as
+    ``_extra_state``, FrozenBN counts no batches), GroupNorm as a module with only a 1-D weight and
+    bias (convs have 4-D weights). norm=none leaves no norm layer at all (its convs get biases)."""
+    fields: dict[str, dict[str, Any]] = defaultdict(dict)
+    for key, value in state.items():
+        module, _, name = key.rpartition(".")
+        fields[module][name] = value
+    kinds: dict[str, str] = {}
+    for module, named in fields.items():
+        if "running_mean" in named:
+            kinds[module] = (
+                "CBN" if "_extra_state" in named else "BatchNorm" if "num_batches_tracked" in named else "FrozenBN"
+            )
+        elif set(named) == {"weight", "bias"} and len(_shape(named["weight"]) or ()) == 1:
+            kinds[module] = "GroupNorm"
+    return kinds
+
+
+def detector_family(state: Mapping[str, Any]) -> str | None:
+    """"RetinaNet", "SSD" or None (neither head found), from the keys of a detector's state dict."""
+    for prefix, family in DETECTOR_HEADS.items():
+        if any(key.startswith(prefix) for key in state):
+            return family
+    return None
+
+
+def _shape(value: Any) -> Shape | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _layers(keys: list[str], state: Mapping[str, Any]) -> list[str]:
+    """The conv (and linear) weights among ``keys``: the layers a detector is made of, present
+    whatever its norm (a norm changes only norm keys and conv biases)."""
+    return [k for k in keys if k.endswith(".weight") and len(_shape(state[k]) or ()) >= 2]
+
+
+@dataclass(frozen=True)
+class StateDictDiff:
+    """How saved weights differ from a model's own state dict, and what that says.
+
+    ``model_differs``: other layers (keys of conv weights missing or unexpected, or of other sizes
+    outside the class scores), i.e. another detector or other model settings. ``norm_differs``:
+    the same layers but other norm layers (another kind, or in other places: ``norm.where``).
+    ``classes_differ``: the same model and norm, only the class-score layers sized for another
+    number of classes. All three false but ``fits`` false: a difference none of them explains."""
+
+    missing: list[str]
+    unexpected: list[str]
+    resized: dict[str, tuple[Shape, Shape]]
+    """key -> (saved shape, the model's shape), for keys both have."""
+    saved_layers: list[str]
+    model_layers: list[str]
+    saved_norms: dict[str, str]
+    model_norms: dict[str, str]
+    saved_family: str | None
+    model_family: str | None
+
+    @property
+    def fits(self) -> bool:
+        return not (self.missing or self.unexpected or self.resized)
+
+    @property
+    def logits_resized(self) -> dict[str, tuple[Shape, Shape]]:
+        """Resized class-score keys whose sizes differ in the first (output) dimension only."""
+        return {
+            k: (saved, ours) for k, (saved, ours) in self.resized.items()
+            if CLASSIFICATION in k and len(saved) == len(ours) and saved[1:] == ours[1:]
+        }
+
+    @property
+    def other_resized(self) -> dict[str, tuple[Shape, Shape]]:
+        return {k: v for k, v in self.resized.items() if k not in self.logits_resized}
+
+    @property
+    def model_differs(self) -> bool:
+        return bool(self.saved_layers or self.model_layers or self.other_resized) or (
+            self.saved_family != self.model_family
+        )
+
+    @property
+    def norm_differs(self) -> bool:
+        kinds_differ = set(self.saved_norms.values()) != set(self.model_norms.values())
+        placed_differently = not self.model_differs and set(self.saved_norms) != set(self.model_norms)
+        return kinds_differ or placed_differently
+
+    @property
+    def classes_differ(self) -> bool:
+        return not self.model_differs and bool(self.logits_resized)
+
+    def evidence(self, limit: int = 3) -> str:
+        """A few keys (``limit`` at most) that show the first difference of model, norm, classes:
+        ``missing a, b; unexpected c`` (missing: the model has it, the checkpoint not)."""
+        if self.model_differs:
+            groups = [
+                ("unexpected", self.saved_layers),
+                ("missing", self.model_layers),
+                ("resized", [_resized(k, *self.other_resized[k]) for k in self.other_resized]),
+            ]
+        elif self.norm_differs or not self.resized:
+            groups = [("missing", self.missing), ("unexpected", self.unexpected)]
+        else:
+            groups = [("resized", [_resized(k, *v) for k, v in self.resized.items()])]
+        picked: dict[str, list[str]] = {label: [] for label, _ in groups}
+        pending = [(label, list(keys)) for label, keys in groups if keys]
+        taken = 0
+        while pending and taken < limit:  # round robin: one of each kind before a second of any
+            for label, keys in pending:
+                if taken < limit and keys:
+                    picked[label].append(keys.pop(0))
+                    taken += 1
+            pending = [(label, keys) for label, keys in pending if keys]
+        return "; ".join(f"{label} {', '.join(keys)}" for label, keys in picked.items() if keys)
+
+
+def _resized(key: str, saved: Shape, ours: Shape) -> str:
+    return f"{key} {_dims(saved)} (model: {_dims(ours)})"
+
+
+def _dims(shape: Shape) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def compare_state_dicts(saved: Mapping[str, Any], model: Mapping[str, Any]) -> StateDictDiff:
+    """Compare a checkpoint's weights with a freshly built model's ``state_dict()`` (``strict``
+    loading fails exactly when the result does not ``fit``)."""
+    missing = [k for k in model if k not in saved]
+    unexpected = [k for k in saved if k not in model]
+    resized = {
+        k: (_shape(saved[k]), _shape(model[k]))
+        for k in model
+        if k in saved and _shape(model[k]) is not None and _shape(saved[k]) is not None
+        and _shape(saved[k]) != _shape(model[k])
+    }
+    return StateDictDiff(
+        missing=missing,
+        unexpected=unexpected,
+        resized=resized,
+        saved_layers=_layers(unexpected, saved),
+        model_layers=_layers(missing, model),
+        saved_norms=norm_layers(saved),
+        model_norms=norm_layers(model),
+        saved_family=detector_family(saved),
+        model_family=detector_family(model),
+    )
