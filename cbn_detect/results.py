@@ -54,6 +54,13 @@ class Results:
     """Why a run failed, diverged or was interrupted."""
     reason: str | None = None
     """Why a run was skipped."""
+    dataset_dir: str | None = None
+    """The ``VOC<year>`` folder the final evaluation scored (absolute), so that
+    ``python -m cbn_detect.voc_eval --run <run_dir>`` can rescore the run's ``detections/`` against it:
+    the synthetic set lives in a hashed cache folder that nothing else records."""
+    test_split: str | None = None
+    """The split of ``dataset_dir`` that was scored (``data.test_split``): the ``<split>`` of the
+    ``comp4_det_<split>_<class>.txt`` files in ``detections/``."""
     map_voc07: float | None = None
     """VOC07 11-point mAP, the headline number."""
     map_area: float | None = None
@@ -145,6 +152,8 @@ def results_text(results: Results) -> str:
         f"seed: {results.seed}",
         f"status: {results.status}",
     ]
+    if results.dataset_dir is not None:
+        lines.append(f"dataset: {results.dataset_dir} (split {results.test_split})")
     for key in ("error", "reason"):
         if getattr(results, key):
             lines.append(f"{key}: {getattr(results, key)}")
@@ -158,6 +167,7 @@ def results_text(results: Results) -> str:
         lines.append(
             f"fps (batch 1, {fps['device']}, {fps['dtype']}): model {fps['fps_model']:.1f}  "
             f"end-to-end {fps['fps_end_to_end']:.1f}"
+            + ("  (disturbed: end-to-end above model-only; time it again)" if fps.get("consistent") is False else "")
         )
     if results.ap_per_class is not None:
         lines.append(f"AP per class ({results.ap_metric or 'voc07'}):")

@@ -15,6 +15,7 @@ from cbn_detect.evaluation.devkit_io import (
     detection_file,
     read_detections,
     read_ground_truth,
+    read_image_ids,
     write_detections,
 )
 from cbn_detect.evaluation.voc_ap import evaluate_voc
@@ -136,6 +137,24 @@ def test_malformed_line_names_file_and_line(tmp_path, content, line, reason):
     with pytest.raises(DevkitFormatError, match=reason) as info:
         read_detections(tmp_path, CLASSES, "test", ["x"])
     assert str(info.value).startswith(f"{path}:{line}: ")
+
+
+def test_bytes_that_are_not_utf8_are_named_with_file_and_line(tmp_path):
+    """Past the text layer's first chunk too (it decodes ahead, so its own error cannot say where);
+    a split file the same way."""
+    path = detection_file(tmp_path, "test", "emu")
+    path.write_bytes(b"x 0.9 1 1 5 5\n" * 1000 + b"x 0.5 1 1 5 \xe9\n")
+    with pytest.raises(DevkitFormatError) as info:
+        read_detections(tmp_path, CLASSES, "test", ["x"])
+    assert str(info.value) == (
+        f"{path}:1001: not UTF-8 text (byte 0xe9 at offset 14012); a result file holds "
+        "'<image_id> <score> <xmin> <ymin> <xmax> <ymax>' lines"
+    )
+    split = tmp_path / "VOC" / "ImageSets" / "Main" / "test.txt"
+    split.parent.mkdir(parents=True)
+    split.write_bytes(b"\xff\xfe0\x000\x001\x00")  # UTF-16, as some editors save
+    with pytest.raises(DevkitFormatError, match=rf"^{split}:1: not UTF-8 text \(byte 0xff at offset 0\); a split"):
+        read_image_ids(tmp_path / "VOC", "test")
 
 
 def test_missing_results_directory_is_an_error(tmp_path):

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from cbn_detect.data.build import build_dataset
 from cbn_detect.data.voc import VOCDataset
-from cbn_detect.voc import VOC_CLASSES, VOCObject, parse_annotation
+from cbn_detect.voc import VOC_CLASSES, DatasetNotFoundError, VOCObject, parse_annotation
+from tests.conftest import CONF_DIR
 from tests.voc_fixture import STANDARD_SPLITS, write_standard_voc
 
 
@@ -102,6 +107,33 @@ def test_ground_truth_needs_no_images_and_keeps_difficult(voc: Path) -> None:
 def test_root_may_be_vocdevkit_plus_year(voc: Path) -> None:
     dataset = VOCDataset(voc.parent, "trainval", year=2007)
     assert dataset.root == voc and len(dataset) == 3
+
+
+def voc_data_cfg(name: str, root: Path):
+    """The data config of ``data=<name> data.root=<root>``, as a run composes it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"data={name}", f"data.root={root}"]).data
+
+
+def test_data_root_may_be_the_voc2007_folder_itself(voc: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """voc07: the VOCdevkit folder or its VOC2007 folder, logged once; voc0712 given VOC2007 reads
+    VOC2012 from beside it, not VOC2007 a second time."""
+    caplog.set_level(logging.INFO, logger="cbn_detect.data.voc")
+    assert build_dataset(voc_data_cfg("voc07", voc), train=False).root == voc
+    assert build_dataset(voc_data_cfg("voc07", voc.parent), train=True).root == voc
+    assert [r.getMessage() for r in caplog.records] == [f"reading VOC data from {voc}"]
+    shutil.copytree(voc, voc.parent / "VOC2012")
+    both = build_dataset(voc_data_cfg("voc0712", voc), train=True)
+    assert [part.root for part in both.datasets] == [voc, voc.parent / "VOC2012"]
+
+
+def test_data_root_of_another_year_without_the_year_beside_it_names_the_setting(voc: Path) -> None:
+    with pytest.raises(DatasetNotFoundError) as info:
+        build_dataset(voc_data_cfg("voc0712", voc), train=True)
+    assert str(info.value) == (
+        f"data.root={voc} is the VOC2007 folder, but VOC2012 is needed too and {voc.parent / 'VOC2012'} is no "
+        "VOC folder: set data.root to the VOCdevkit folder that holds VOC2007/ and VOC2012/"
+    )
 
 
 def test_custom_classes_number_labels_from_one(voc: Path) -> None:

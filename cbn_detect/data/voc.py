@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -54,14 +55,35 @@ VerifyImages = Literal["header", "full"]
 Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
 _LAYOUT = ("Annotations", "JPEGImages", "ImageSets/Main")
+_VOC_YEAR = re.compile(r"VOC\d{4}")
+_logged_roots: set[Path] = set()
+"""The VOC folders whose use was logged: a run reads the same one for training and testing."""
 
 
 def resolve_voc_root(root: str | Path, year: str | int | None = None) -> Path:
-    """The `VOC<year>` folder for `root`: that folder itself, or a VOCdevkit folder plus `year`."""
+    """The `VOC<year>` folder for `root`: a VOCdevkit folder plus `year`, or that folder itself
+    (data.root may name either, as voc_eval's --voc-dir may). Logged once per folder.
+
+    A `root` that is another year's folder (data.root=.../VOCdevkit/VOC2007 while data=voc0712 also
+    needs VOC2012) stands for its VOCdevkit: the year's sibling folder is used when it is there,
+    and its absence is an error naming data.root. Taking `root` itself there, as any other folder
+    with the VOC layout is taken, would silently train on VOC2007 twice."""
     root = Path(root).expanduser()
     candidates = [root] if year is None else [root / f"VOC{year}", root]
+    if year is not None and _VOC_YEAR.fullmatch(root.name) and root.name != f"VOC{year}":
+        sibling = root.parent / f"VOC{year}"
+        if not all((sibling / part).is_dir() for part in _LAYOUT):
+            raise DatasetNotFoundError(
+                f"data.root={root} is the {root.name} folder, but VOC{year} is needed too and "
+                f"{sibling} is no VOC folder: set data.root to the VOCdevkit folder that holds "
+                f"{root.name}/ and VOC{year}/"
+            )
+        candidates = [sibling]
     for candidate in candidates:
         if all((candidate / part).is_dir() for part in _LAYOUT):
+            if candidate not in _logged_roots:
+                _logged_roots.add(candidate)
+                log.info("reading VOC data from %s", candidate.absolute())
             return candidate
     looked = "; ".join(
         f"{c}/{{{','.join(_LAYOUT)}}}{'' if c.is_dir() else ' (no such folder)'}"

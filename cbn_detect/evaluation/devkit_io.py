@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -97,7 +99,9 @@ def read_detections(
     """Read comp4 files back, grouped per image in split order, file order kept within an image.
 
     A missing class file means no detections for that class, as in the devkit's own runs where a
-    method skips classes.
+    method skips classes. (``python -m cbn_detect.voc_eval`` refuses that unless told
+    ``--allow-missing``: :func:`write_detections` writes every class's file, so a missing one is a
+    lost or mistyped file far more often than a class without detections.)
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -135,7 +139,7 @@ def _parse_result_file(path: Path, index: dict[str, int]) -> tuple[list[int], np
     img: list[int] = []
     rows: list[list[float]] = []
     line_numbers: list[int] = []
-    with path.open(encoding="utf-8") as f:
+    with _utf8_text(path, f"a result file holds '{LINE_FORMAT}' lines") as f:
         for line_number, line in enumerate(f, start=1):
             fields = line.split()
             if not fields:
@@ -163,13 +167,37 @@ def _parse_result_file(path: Path, index: dict[str, int]) -> tuple[list[int], np
     return img, table
 
 
+@contextmanager
+def _utf8_text(path: Path, expected: str) -> Iterator[TextIO]:
+    """``path`` opened as UTF-8 text; bytes that are not UTF-8 (a binary file left among the result
+    files, a file in another encoding) become a :class:`DevkitFormatError` naming the file and the
+    line of the first bad byte, where Python's own error names neither. ``expected`` says what the
+    file should hold."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            yield f
+    except UnicodeDecodeError:
+        # The text layer decodes ahead in chunks, so its error cannot say where: decode again whole.
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw.count(b"\n", 0, err.start) + 1
+            raise DevkitFormatError(
+                f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                f"{expected}"
+            ) from None
+        raise
+
+
 def read_image_ids(voc_dir: Path, split: str) -> list[str]:
     """Image ids of ImageSets/Main/<split>.txt, whitespace-separated as the devkit's textread reads
     them."""
     path = Path(voc_dir) / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: split file not found")
-    return path.read_text(encoding="utf-8").split()
+    with _utf8_text(path, "a split file holds one image id per line") as f:
+        return f.read().split()
 
 
 def read_ground_truth(voc_dir: Path, split: str, class_names: Sequence[str]) -> GroundTruth:
