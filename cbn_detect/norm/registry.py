@@ -18,6 +18,7 @@ from cbn_detect.norm.brn import BatchRenorm2d
 from cbn_detect.norm.cbn import CrossIterationBatchNorm2d
 from cbn_detect.norm.syncbn import SyncBatchNorm2d
 from cbn_detect.runtime.errors import ConfigError
+from cbn_detect.runtime.iterations import resolve_iterations
 
 
 def gn_groups(num_channels: int, max_groups: int = 32) -> int:
@@ -99,20 +100,7 @@ def resolve_burnin(burnin: int | float, total_steps: int | None) -> int:
     detection configs), which their training script turns into iterations with ``int()``; a
     fraction keeps that meaning whatever the schedule's length, and is truncated the same way.
     """
-    if isinstance(burnin, bool) or not isinstance(burnin, (int, float)):
-        raise ConfigError(f"norm.burnin={burnin!r} must be a number")
-    if isinstance(burnin, int):
-        if burnin < 0:
-            raise ConfigError(f"norm.burnin={burnin} must be >= 0 iterations")
-        return burnin
-    if not 0.0 < burnin < 1.0:
-        raise ConfigError(
-            f"norm.burnin={burnin}: give iterations as an int >= 0, or a fraction of the training "
-            "iterations as a float in (0, 1)"
-        )
-    if total_steps is None:
-        raise ConfigError(f"norm.burnin={burnin} is a fraction of the training iterations, which are unknown here")
-    return int(burnin * total_steps)
+    return resolve_iterations("norm.burnin", burnin, total_steps)
 
 
 def build_norm(name: str, num_features: int, **cfg: Any) -> nn.Module:
