@@ -162,12 +162,13 @@ def test_a_multirun_under_a_pipe_prints_named_progress_lines_the_slow_warning_an
     slow = [line for line in output.splitlines() if "this run is slow" in line]
     assert len(slow) == 1 and f"{name}: this run is slow: at " in slow[0] and "training steps left take about" in slow[0]
     assert re.search(rf"{re.escape(name)} eval 8/8 images \(100%\), .*done in", output)
-    assert re.search(rf"{re.escape(name)} fps 5/5 images \(100%\) phase end-to-end, [\d.]+ img/s, done in", output)
+    # eval.fps_images=2: the timed images (each run model-only and end-to-end), not the warm-up
+    assert re.search(rf"{re.escape(name)} fps 2/2 images \(100%\), [\d.]+ img/s, done in", output)
     assert "\r" not in output  # no bar
 
 
 def test_a_single_run_under_a_pipe_prints_a_line_per_interval_without_a_name(tmp_path: Path) -> None:
     output = _train(tmp_path, f"hydra.run.dir={tmp_path / 'run'}")  # progress_every_s=30: longer than the run
     lines = re.findall(r"\] - (.*(?:train|eval|fps) \d+/\d+ (?:steps|images).*)", output)
-    assert [line.split(" (")[0] for line in lines] == ["train 8/8 steps", "eval 8/8 images", "fps 5/5 images"]
+    assert [line.split(" (")[0] for line in lines] == ["train 8/8 steps", "eval 8/8 images", "fps 2/2 images"]
     assert "this run is slow" not in output and "retinanet_tiny/bn" not in "".join(lines)
