@@ -10,9 +10,11 @@ The statistics live in ``cbn_detect.stats``; this module reads runs, lays out ta
 
 It also draws the study's figures into the sweep directory, embedded in ``report.md``:
 ``map_vs_batch.png`` (the headline: how detection quality holds up as the images per process shrink),
-``loss_curves.png`` (training loss per norm at each batch size, from ``metrics.jsonl``) and
-``loss_variance.png`` (how noisy training is per norm). A grid point without a completed run is
-drawn as a cross on the axis, and a run that did not complete as a dashed loss curve.
+``loss_curves.png`` (every training step's loss per norm at each batch size, from ``metrics.jsonl``,
+with CBN's burn-in end and the lr decays marked) and ``loss_variance.png`` (how noisy training is per
+norm). A grid point without a completed run is drawn as a cross on the axis, and a run that did not
+complete as a dashed loss curve; a point of a single seed has no error bar. The figures' titles
+name only the marks they hold.
 
 Per model and batch, ``detections_<model>_b<batch>.png`` shows what the numbers mean: the same few
 test images with their ground truth, then one row per norm with the detections of its seed-0 job
@@ -25,6 +27,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -43,6 +46,7 @@ from cbn_detect import stats
 from cbn_detect.evaluation.pictures import (
     DEFAULT_IMAGES,
     DEFAULT_SCORE,
+    Drawing,
     SplitData,
     draw_detections,
     draw_ground_truth,
@@ -52,6 +56,7 @@ from cbn_detect.evaluation.pictures import (
 )
 from cbn_detect.results import UnreadableResults, read_results
 from cbn_detect.runtime import io
+from cbn_detect.runtime.iterations import lr_decay_steps, resolve_iterations
 from cbn_detect.runtime.lock import read_holder, stale_reason
 
 log = logging.getLogger(__name__)
@@ -80,6 +85,12 @@ SUMMARY_NOTE = (
     "batch x procs, taken from the completed runs; `n` is the number of completed seeds and each number "
     "is their mean ± sample standard deviation (ddof = 1; a single value when n = 1); `runs` counts the "
     "cell's jobs by status."
+)
+
+DISTURBED_FPS_NOTE = (
+    "These jobs measured an end-to-end FPS above their model-only FPS, although end-to-end does more work: "
+    "another process was busy during the timing, so their FPS are not measurements. Time them again on a "
+    "quiet machine with `python -m cbn_detect.evaluate <job_dir>`."
 )
 
 PAIRED_NOTE = (
@@ -145,7 +156,9 @@ def _lock_stale_h(config_path: Path) -> float:
     return float(OmegaConf.select(OmegaConf.load(config_path), "train.lock_stale_h", default=6.0))
 
 
-NESTED_COLUMNS = {"coco_ap50": ("coco", "AP50"), "fps_model": ("fps", "fps_model")}
+NESTED_COLUMNS = {
+    "coco_ap50": ("coco", "AP50"), "fps_model": ("fps", "fps_model"), "fps_consistent": ("fps", "consistent"),
+}
 """Row keys lifted out of results.json's nested fields: key -> (field, key inside it)."""
 
 
@@ -289,19 +302,63 @@ def results_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def load_loss_curve(metrics_path: Path) -> tuple[list[int], list[float]]:
-    """(steps, training losses) from ``metrics.jsonl``; a line cut short by a kill is skipped."""
-    steps, losses = [], []
+    """(steps, training losses) from ``metrics.jsonl``, in step order, one point per step.
+
+    The trainer writes every step's loss (``step_loss``), not only the ``train.log_every`` steps'
+    full records, so the curve has every step up to the last one; a file of an older trainer has
+    only the logged steps' ``loss``, which is used where no ``step_loss`` is. A non-finite loss
+    (null) is NaN, a visible gap; a line cut short by a kill is skipped; a step written twice keeps
+    its last value (a resume cuts the file back to its checkpoint, so this does not happen in a
+    run's own file).
+    """
+    logged: dict[int, float] = {}
+    per_step: dict[int, float] = {}
     if not metrics_path.exists():
-        return steps, losses
+        return [], []
     for line in metrics_path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("loss") is not None:
-            steps.append(int(record["step"]))
-            losses.append(float(record["loss"]))
-    return steps, losses
+        if not isinstance(record, dict) or record.get("step") is None:
+            continue
+        for key, into in (("loss", logged), ("step_loss", per_step)):
+            if key in record:
+                into[int(record["step"])] = math.nan if record[key] is None else float(record[key])
+    curve = {**logged, **per_step}
+    steps = sorted(curve)
+    return steps, [curve[step] for step in steps]
+
+
+@dataclass(frozen=True)
+class ScheduleMarks:
+    """Where a run's training changed regime, in steps (a mark at ``n``: the first ``n`` steps ran
+    before the change): the end of CBN's plain-BN burn-in (None: the norm has none, or it is 0)
+    and the steps where the lr schedule multiplied the lr by gamma."""
+
+    burnin: int | None = None
+    lr_decays: tuple[int, ...] = ()
+
+
+def schedule_marks(job_dir: Path, steps: Any) -> ScheduleMarks:
+    """The burn-in end and lr decays of the job in ``job_dir``, from its saved ``.hydra/config.yaml``
+    and its training iterations per process ``steps`` (results.json), computed by the functions
+    the run itself used (``resolve_iterations``, ``lr_decay_steps``), so a mark sits where the change
+    happened. Nothing without ``steps``; a config that cannot be read is a warning, not a failure."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        return ScheduleMarks()
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.load(Path(job_dir) / ".hydra" / "config.yaml")
+        burnin = OmegaConf.select(cfg, "norm.burnin")
+        burnin = resolve_iterations("norm.burnin", burnin, steps) if burnin is not None else None
+        optim = OmegaConf.select(cfg, "optim")
+        decays = lr_decay_steps(optim, steps) if optim is not None and "schedule" in optim else []
+    except Exception as err:  # noqa: BLE001 - a mark that cannot be placed must not cost the report
+        log.warning("%s: no burn-in or lr decay marks (%s: %s)", job_dir, type(err).__name__, err)
+        return ScheduleMarks()
+    return ScheduleMarks(burnin or None, tuple(sorted(set(decays))))
 
 
 def _save_png(figure: Figure, path: Path) -> None:
@@ -331,7 +388,9 @@ def plot_map_vs_batch(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """One panel per model, one line per norm: mean VOC07 mAP over completed seeds with its 95% t-CI.
 
     The interval (not the std) is drawn because the figure's question is whether two norms differ;
-    a cell with one seed has no interval and is drawn as an open marker, one with none as a cross.
+    a cell with one seed has no interval and is drawn as an open marker without a bar (a zero-length
+    bar with caps would read as a very precise number), one with none as a cross. The title says
+    which of these the figure holds, and only those.
     """
     models = sorted({str(r.get("model")) for r in rows})
     norms = sorted({str(r.get("norm")) for r in rows})
@@ -339,6 +398,8 @@ def plot_map_vs_batch(rows: Sequence[dict[str, Any]], path: Path) -> None:
     dodge = _dodge(norms)
     cells = _cells(rows)
     figure = Figure()
+    counts: set[int] = set()  # seeds per drawn point, over the whole figure
+    any_missing = False
     for ax, model in zip(_axes_grid(figure, len(models)), models):
         for norm in norms:
             points: list[tuple[float, stats.Estimate]] = []
@@ -350,6 +411,8 @@ def plot_map_vs_batch(rows: Sequence[dict[str, Any]], path: Path) -> None:
                 else:
                     points.append((batch * dodge[norm], estimate))
             _draw_norm(ax, norm, colors[norm], points, missing)
+            counts.update(e.n for _, e in points)
+            any_missing = any_missing or bool(missing)
         batches = sorted({b for m, _, b in cells if m == model})
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
@@ -360,22 +423,36 @@ def plot_map_vs_batch(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_title(model)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    figure.suptitle(
-        "mean over seeds; bars: 95% t-CI of the mean (n ≥ 2), open marker: 1 seed, ×: no completed run",
-        fontsize="small",
-    )
+    figure.suptitle(_map_note(counts, any_missing), fontsize="small")
     _save_png(figure, path)
+
+
+def _map_note(counts: set[int], any_missing: bool) -> str:
+    """What the mAP figure's marks mean, naming only the kinds of point it has."""
+    if counts and max(counts) == 1:
+        parts = ["each point is a single run (1 seed): no error bars"]
+    else:
+        parts = ["mean over seeds; bars: 95% t-CI of the mean (n ≥ 2)"]
+        if 1 in counts:
+            parts.append("open marker: a single run (no bar)")
+    if any_missing:
+        parts.append("×: no completed run")
+    return ", ".join(parts)
 
 
 def _draw_norm(
     ax: Axes, norm: str, color: Any, points: Sequence[tuple[float, stats.Estimate]], missing: Sequence[float]
 ) -> None:
-    """One norm's line: (x, estimate) points with their intervals, crosses on the axis at ``missing``."""
+    """One norm's line through its (x, estimate) points, an interval only at points of n >= 2 seeds,
+    crosses on the axis at ``missing``."""
     if points:
-        xs = [x for x, _ in points]
-        means = [e.mean for _, e in points]
-        bars = [e.half_width or 0.0 for _, e in points]
-        ax.errorbar(xs, means, yerr=bars, marker="o", capsize=3, color=color, label=norm)
+        ax.plot([x for x, _ in points], [e.mean for _, e in points], marker="o", color=color, label=norm)
+        spread = [(x, e) for x, e in points if e.n >= 2 and e.half_width is not None]
+        if spread:
+            ax.errorbar(
+                [x for x, _ in spread], [e.mean for _, e in spread], yerr=[e.half_width for _, e in spread],
+                fmt="none", capsize=3, color=color, label=f"_{norm} 95% CI",
+            )
         single = [(x, e.mean) for x, e in points if e.n == 1]
         if single:
             ax.scatter(*zip(*single), marker="o", s=30, facecolors="white", edgecolors=color, zorder=3)
@@ -383,35 +460,67 @@ def _draw_norm(
         ax.scatter(missing, [0.0] * len(missing), marker="x", s=60, color=color, label=f"{norm}: no completed run")
 
 
+BURNIN_STYLE = {"linestyle": ":", "linewidth": 1.4}
+LR_DECAY_STYLE = {"color": "0.35", "linestyle": "-.", "linewidth": 1.0}
+
+
 def plot_loss_curves(rows: Sequence[dict[str, Any]], sweep_dir: Path, path: Path) -> None:
-    """One panel per (model, batch), one colour per norm, one line per seed; dashed if not completed."""
+    """One panel per (model, batch), one colour per norm, one line per seed (dashed if not completed)
+    with every training step's loss from ``metrics.jsonl``, the last step included.
+
+    Vertical lines mark where training changed regime, from the completed runs' configs: dotted in
+    the norm's colour, the end of CBN's plain-BN burn-in (statistics over the window from there
+    on); dash-dotted grey, each lr decay of the step schedule. A jump in the loss at such a line is
+    the schedule's doing, not the norm's.
+    """
     panels = sorted({(str(r.get("model")), int(r.get("batch") or 0)) for r in rows})
     colors = _norm_colors(sorted({str(r.get("norm")) for r in rows}))
     figure = Figure()
     for ax, (model, batch) in zip(_axes_grid(figure, len(panels)), panels):
         labelled: set[str] = set()
+        burnins: dict[str, set[int]] = defaultdict(set)
+        decays: set[int] = set()
         for row in rows:
             if (str(row.get("model")), int(row.get("batch") or 0)) != (model, batch):
                 continue
-            steps, losses = load_loss_curve(sweep_dir / row["job_dir"] / "metrics.jsonl")
-            if not steps:
-                continue
+            job_dir = sweep_dir / row["job_dir"]
             norm = str(row.get("norm"))
             done = row.get("status") == "completed"
+            if done:  # only a completed run's steps are the planned length that fractions refer to
+                marks = schedule_marks(job_dir, row.get("steps"))
+                if marks.burnin is not None:
+                    burnins[norm].add(marks.burnin)
+                decays.update(marks.lr_decays)
+            steps, losses = load_loss_curve(job_dir / "metrics.jsonl")
+            if not steps:
+                continue
             label = None if norm in labelled else norm
             labelled.add(norm)
-            ax.plot(steps, losses, color=colors[norm], linestyle="-" if done else "--", alpha=0.8, label=label)
+            ax.plot(
+                steps, losses, color=colors[norm], linestyle="-" if done else "--", linewidth=0.9, alpha=0.8,
+                label=label, gid=f"loss:{row['job_dir']}",
+            )
+        for norm, at in sorted(burnins.items()):
+            for i, x in enumerate(sorted(at)):
+                label = f"{norm}: burn-in ends (step {', '.join(map(str, sorted(at)))})" if i == 0 else None
+                ax.axvline(x, color=colors[norm], label=label, gid=f"burnin:{norm}", **BURNIN_STYLE)
+        for i, x in enumerate(sorted(decays)):
+            label = f"lr decay (step {', '.join(map(str, sorted(decays)))})" if i == 0 else None
+            ax.axvline(x, label=label, gid="lr_decay", **LR_DECAY_STYLE)
         ax.set_title(f"{model}, batch {batch}")
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
+        ax.set_ylabel("training loss (every step)")
         ax.grid(alpha=0.3)
-        if labelled:
+        if labelled or burnins or decays:
             ax.legend(fontsize="small")
     _save_png(figure, path)
 
 
 def plot_loss_variance(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Grouped bars: x = norm, one bar per batch size, height = mean over completed seeds, +- std."""
+    """Grouped bars: x = norm, one bar per batch size, height = mean over completed seeds, ± std where
+    there are 2 seeds or more; a bar of a single run has no error bar (a zero-length one with caps
+    would read as a very precise number). Each panel's title says which of these it holds, and "×"
+    only when a grid point has no completed run."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:
         values = groups[_group_key(row)]  # every grid point of the sweep, with or without a number
@@ -423,21 +532,43 @@ def plot_loss_variance(rows: Sequence[dict[str, Any]], path: Path) -> None:
     width = 0.8 / max(len(batches), 1)
     figure = Figure()
     for ax, model in zip(_axes_grid(figure, len(models)), models):
+        counts: set[int] = set()
+        missing = False
         for i, batch in enumerate(batches):
             values = [groups.get((model, norm, batch)) for norm in norms]  # None: not in the sweep
             heights = [float(np.mean(v)) if v else 0.0 for v in values]
-            errors = [float(np.std(v, ddof=1)) if v and len(v) > 1 else 0.0 for v in values]
             xs = np.arange(len(norms)) + (i - (len(batches) - 1) / 2) * width
-            ax.bar(xs, heights, width, yerr=errors, capsize=2, label=f"batch {batch}", color=f"C{i % 10}")
+            ax.bar(xs, heights, width, label=f"batch {batch}", color=f"C{i % 10}")
+            spread = [(x, h, float(np.std(v, ddof=1))) for x, h, v in zip(xs, heights, values) if v and len(v) > 1]
+            if spread:
+                ax.errorbar(
+                    *zip(*((x, h) for x, h, _ in spread)), yerr=[e for _, _, e in spread], fmt="none",
+                    capsize=2, ecolor="black", label=f"_batch {batch} std",
+                )
+            counts.update(len(v) for v in values if v)
             for x, v in zip(xs, values):
                 if v == []:
+                    missing = True
                     ax.text(x, 0, "×", ha="center", va="bottom", color="red")
         ax.set_xticks(np.arange(len(norms)), norms)
         ax.set_ylabel("loss variance (last epoch)")
-        ax.set_title(f"{model} (× = no completed run)")
+        ax.set_title(f"{model} ({_variance_note(counts, missing)})", fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize="small")
     _save_png(figure, path)
+
+
+def _variance_note(counts: set[int], missing: bool) -> str:
+    """What a loss-variance panel's bars mean, naming only the kinds of bar it has."""
+    if counts and max(counts) == 1:
+        parts = ["single runs: no error bars"]
+    else:
+        parts = ["mean ± std over seeds"]
+        if 1 in counts:
+            parts.append("1 seed: no bar")
+    if missing:
+        parts.append("× = no completed run")
+    return "; ".join(parts)
 
 
 def write_figures(rows: Sequence[dict[str, Any]], sweep_dir: Path) -> list[Path]:
@@ -486,7 +617,7 @@ def plot_detections(
     nothing is drawn when none can."""
     splits = {} if splits is None else splits
     font = _font()
-    rows: list[tuple[str, list[Any], list[int] | None]] = []  # title, drawn images, detections per image
+    rows: list[tuple[str, list[Drawing], list[int] | None]] = []  # title, pictures, detections per image
     drawn: dict[str, str] = {}
     ids: list[str] = []
     for norm in _norm_order(list(jobs)):
@@ -511,7 +642,7 @@ def plot_detections(
             rows.append(("ground truth", [draw_ground_truth(e, split.classes, font=font) for e in examples], None))
         value = row.get(HEADLINE_METRIC)
         metric = "" if value is None else f"\nVOC07 mAP {value:.3f}"
-        pictures = [draw_detections(e, split.classes, font=font) for e in examples]
+        pictures = [draw_detections(e, split.classes, font=font) for e in examples]  # labels never overlap
         rows.append((f"{norm}\nseed {row.get('seed')}{metric}", pictures, [len(e.scores) for e in examples]))
         drawn[norm] = str(row["job_dir"])
     if not drawn:
@@ -521,10 +652,13 @@ def plot_detections(
     for r, (title, pictures, counts) in enumerate(rows):
         for c, picture in enumerate(pictures):
             ax = axes[r, c]
-            ax.imshow(picture.permute(1, 2, 0).numpy())
-            if counts is not None and counts[c] == 0:
+            ax.imshow(picture.image.permute(1, 2, 0).numpy())
+            note = f"no detection ≥ {score:g}" if counts is not None and counts[c] == 0 else None
+            if picture.unlabelled:  # crowded: labels were placed best score first, these found no room
+                note = f"{picture.unlabelled} of {len(picture.labels)} labels left out (no room)"
+            if note is not None:
                 ax.text(
-                    0.5, 0.03, f"no detection ≥ {score:g}", transform=ax.transAxes, ha="center", va="bottom",
+                    0.5, 0.03, note, transform=ax.transAxes, ha="center", va="bottom",
                     fontsize="small", color="white", bbox={"facecolor": "black", "alpha": 0.6, "linewidth": 0},
                 )
             ax.set_xticks([])
@@ -609,6 +743,9 @@ def report_markdown(
     problems = [r for r in rows if r.get("status") != "completed"]
     if problems:
         text += ["## Jobs that did not complete", "", *map(_problem_line, problems), ""]
+    disturbed = [f"- `{r['job_dir']}`" for r in rows if r.get("fps_consistent") is False]
+    if disturbed:
+        text += ["## FPS timings disturbed", "", DISTURBED_FPS_NOTE, "", *disturbed, ""]
     text += ["## Figures", ""]
     text += [f"![{title}]({name})\n" for name, title in FIGURES]
     text += _pictures_markdown(pictures, images, score)

@@ -7,7 +7,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from cbn_detect.engine.optim import WarmupSchedule, build_optimizer, build_scheduler, scaled_lr
+from cbn_detect.engine.optim import (
+    WarmupSchedule,
+    build_optimizer,
+    build_scheduler,
+    lr_decay_steps,
+    milestone_iters,
+    scaled_lr,
+)
+from tests.conftest import CONF_DIR
 
 SGD = OmegaConf.create(
     {
@@ -69,3 +77,26 @@ def test_scheduler_state_round_trip_continues_the_curve() -> None:
         opt.step(), sched.step(), opt2.step(), sched2.step()
     assert sched.get_last_lr() == sched2.get_last_lr()
     assert torch.tensor(sched.get_last_lr()[0]) == pytest.approx(0.001)
+
+
+def test_the_decay_steps_are_where_the_schedule_drops_the_lr() -> None:
+    """What the report marks on the loss curves: the iterations where the lr really dropped."""
+    model = nn.Linear(2, 2)
+    opt = build_optimizer(model, SGD, 16)
+    sched = build_scheduler(opt, SGD, total_iters=40)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])  # the lr step i (0-based) trains with
+        opt.step()
+        sched.step()
+    drops = [i for i in range(11, 40) if lrs[i] < lrs[i - 1] * 0.5]  # after the 10-iteration warmup
+    assert drops == [20, 30] == lr_decay_steps(SGD, 40)
+    assert milestone_iters([0.5, 0.75], 40) == [20, 30]
+
+
+def test_decay_steps_of_the_default_sgd_config_and_other_schedules() -> None:
+    sgd = OmegaConf.load(CONF_DIR / "optim" / "sgd.yaml")  # milestones 0.67, 0.89
+    assert lr_decay_steps(sgd, 96) == [64, 85]  # round(64.32), round(85.44)
+    assert lr_decay_steps(OmegaConf.merge(sgd, {"schedule": {"name": "cosine"}}), 96) == []
+    assert lr_decay_steps(OmegaConf.merge(sgd, {"schedule": {"name": "constant"}}), 96) == []
+    assert milestone_iters([0.5], 0) == [0]  # a schedule of no iterations counts one, as WarmupSchedule does

@@ -18,11 +18,14 @@ from PIL import Image
 
 from cbn_detect.evaluation.devkit_io import write_detections
 from cbn_detect.evaluation.pictures import (
+    LABEL_PAD,
     class_color,
     draw_boxes,
+    draw_labelled,
     job_test_split,
     load_examples,
     pick_images,
+    place_labels,
     read_image_detections,
 )
 from cbn_detect.report import main as report_main
@@ -77,6 +80,57 @@ def test_boxes_are_drawn_in_their_class_colour_at_their_place_and_scaled_with_th
     assert big.shape == (3, 200, 160)
     assert big[:, 80, 20].tolist() == _rgb(class_color(1))  # the same edge, twice as far
     assert draw_boxes(image, np.zeros((0, 4)), np.zeros(0, int), CLASSES, side=None).equal(image)
+
+
+def _overlapping(rects: list) -> list[tuple[int, int]]:
+    """Index pairs of rectangles (x0, y0, x1, y1; x1, y1 exclusive) that share a pixel."""
+    return [
+        (i, j) for i, a in enumerate(rects) for j, b in enumerate(rects[:i])
+        if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+    ]
+
+
+def _touches(rect: tuple, box: np.ndarray) -> bool:
+    """The label rectangle shares a pixel with its box or sits right above or below it (boxes are
+    drawn at whole pixels: one pixel of rounding either way)."""
+    return rect[0] <= box[2] + 1 and box[0] - 1 <= rect[2] and box[1] - (rect[3] - rect[1]) - 1 <= rect[1] <= box[3] + 1
+
+
+def test_labels_go_above_else_inside_else_below_and_never_overlap() -> None:
+    # four boxes with nearly the same top edge, stacked: the labels must find four different places
+    boxes = np.array([[20, 40, 90, 90], [22, 41, 92, 95], [24, 42, 94, 99], [26, 43, 96, 99]], dtype=float)
+    spots = place_labels(boxes, [(40, 12)] * 4, width=120, height=120)
+    assert spots[0] == (20, 28, 60, 40)  # above the best box
+    assert spots[1] == (22, 41, 62, 53)  # the place above is taken: inside the top
+    assert spots[2] == (24, 99, 64, 111)  # above and inside taken: below the box
+    assert spots[3] == (26, 53, 66, 65)  # all three taken: moved down past the label in the way
+    assert _overlapping(spots) == []
+    # at the top of the picture there is no room above: inside the top, kept inside the picture
+    assert place_labels(np.array([[110.0, 0.0, 119.0, 30.0]]), [(40, 12)], 120, 120) == [(80, 0, 120, 12)]
+    # a label that fits nowhere near its box is left out rather than put beside another box
+    crowded = place_labels(np.array([[0.0, 0.0, 50.0, 10.0]] * 4), [(30, 8)] * 4, 60, 40)
+    assert crowded[0] == (0, 0, 30, 8) and crowded[1] == (0, 10, 30, 18) and crowded[2:] == [None, None]
+
+
+def test_a_crowded_picture_gets_labels_that_do_not_overlap() -> None:
+    rng = np.random.default_rng(0)
+    corners = 30 + rng.uniform(-10, 10, size=(14, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(20, 60, size=(14, 2))], axis=1)
+    labels = rng.integers(1, 4, size=14)
+    scores = rng.uniform(0.3, 1.0, size=14)
+    image = torch.full((3, 128, 128), 90, dtype=torch.uint8)
+    drawing = draw_labelled(image, boxes, labels, CLASSES, scores=scores, side=320)
+    placed = [(i, spot) for i, spot in enumerate(drawing.labels) if spot is not None]
+    assert len(drawing.labels) == 14 and len(placed) >= 8 and drawing.unlabelled == 14 - len(placed)
+    assert _overlapping([spot for _, spot in placed]) == []
+    assert all(_touches(spot, boxes[i] * 2.5) for i, spot in placed)  # 128 -> 320 px
+    assert drawing.labels[int(np.argmax(scores))] is not None  # the best detection keeps its label
+    for i, (x0, y0, x1, y1) in placed:  # drawn where placed: the label's colour fills its corners
+        assert drawing.image[:, y0, x0].tolist() == _rgb(class_color(int(labels[i]))), i
+        assert drawing.image[:, y1 - 1, x1 - 1].tolist() == _rgb(class_color(int(labels[i]))), i
+        assert (drawing.image[:, y0 + LABEL_PAD : y1 - LABEL_PAD, x0:x1] > 200).all(dim=0).any()  # white text
+    again = draw_labelled(image, boxes, labels, CLASSES, scores=scores, side=320)
+    assert again.image.equal(drawing.image) and again.labels == drawing.labels  # deterministic
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import pytest
 from matplotlib import image as mpimg
 
 from cbn_detect.report import FIGURES, collect_runs, load_loss_curve, main, paired_section, summary_table
+from tests.conftest import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -109,8 +112,22 @@ def test_cli_writes_report_csv_and_figures(sweep: Path, capsys: pytest.CaptureFi
     assert "`retinanet_tiny/cbn/batch_2/seed_1`: failed (RuntimeError: CUDA out of memory)" in report
     assert "`retinanet_tiny/cbn/batch_8/seed_1`: unfinished" in report
     assert "`retinanet_tiny/gn/batch_2/seed_0`: diverged" in report
+    assert "FPS timings disturbed" not in report  # no job recorded an inconsistent timing
     assert (sweep / "results.csv").read_text().count("\n") == 1 + 9
     assert not list(sweep.glob(".*.tmp"))
+
+
+def test_jobs_whose_fps_timing_was_disturbed_are_listed_and_the_others_not(sweep: Path) -> None:
+    disturbed = _done(0.3, 0.02)
+    disturbed["fps"] = {"fps_model": 3.4, "fps_end_to_end": 47.3, "consistent": False}
+    _job(sweep, "gn", 8, 0, disturbed, [2.0, 1.0])
+    steady = _done(0.3, 0.02)
+    steady["fps"] = {"fps_model": 40.0, "fps_end_to_end": 30.0, "consistent": True}
+    _job(sweep, "gn", 8, 1, steady, [2.0, 1.0])
+    assert main([str(sweep)]) == 0
+    section = (sweep / "report.md").read_text().split("## FPS timings disturbed")[1].split("##")[0]
+    assert "- `retinanet_tiny/gn/batch_8/seed_0`" in section and "seed_1" not in section
+    assert "python -m cbn_detect.evaluate" in section
 
 
 def test_jobs_without_detection_files_get_no_picture_and_no_warning(sweep: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -293,3 +310,98 @@ def test_every_column_is_a_results_field_or_lifted_out_of_one():
 
     assert all(key in FIELDS or key in NESTED_COLUMNS for key, _ in COLUMNS)
     assert all(field in FIELDS for field, _ in NESTED_COLUMNS.values())
+
+
+# --- a real run: every step's loss, the same after a resume, drawn with the schedule's marks ---
+
+# CBN with a full metrics record every 3 steps (not at the last one): 16 images at batch 4 over 2
+# epochs = 8 steps. cbn_burnin=0.3 keeps the config's ${cbn_burnin} interpolation, a fraction.
+CURVE_RUN = [*TINY_RUN, "norm=cbn", "cbn_burnin=0.3", "train.log_every=3", "eval.coco=false", "eval.fps_images=1",
+             "diagnostics.level=off", "wandb.mode=disabled"]
+CURVE_STEPS = 8
+
+
+def _curve_run(run_dir: Path) -> subprocess.Popen:
+    """``python -m cbn_detect.train`` into ``run_dir``, in a session of its own (a signal reaches it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cbn_detect.train", f"hydra.run.dir={run_dir}", *CURVE_RUN],
+        cwd=run_dir.parent, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def _finished(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        output = proc.communicate(timeout=600)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc.returncode, output
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A folder of two runs of CURVE_RUN: ``straight``, and ``resumed``, stopped by SIGTERM once step
+    4 is logged (it checkpoints inside the second epoch) and run again; with the resumed run's output."""
+    runs = tmp_path_factory.mktemp("curves") / "runs"
+    runs.mkdir()
+    code, output = _finished(_curve_run(runs / "straight"))
+    assert code == 0, output[-3000:]
+    proc = _curve_run(runs / "resumed")
+    deadline = time.monotonic() + 300
+    while not any(r.get("step") == 4 for r in _records(runs / "resumed")) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before the signal: " + proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, stopped = _finished(proc)
+    assert code == 128 + signal.SIGTERM, stopped[-3000:]
+    code, output = _finished(_curve_run(runs / "resumed"))
+    assert code == 0, output[-3000:]
+    resumed_at = int(output.split("resuming after step ")[1].split()[0].rstrip(")"))
+    assert 4 <= resumed_at < CURVE_STEPS, output[-3000:]
+    return runs, output
+
+
+def test_every_steps_loss_is_logged_once_and_a_resume_gives_the_uninterrupted_ones(trained: tuple[Path, str]) -> None:
+    runs, _ = trained
+    straight, resumed = _records(runs / "straight"), _records(runs / "resumed")
+    for records in (straight, resumed):
+        assert [r["step"] for r in records if "step_loss" in r] == list(range(1, CURVE_STEPS + 1))  # once each
+        assert [r["step"] for r in records if "loss" in r] == [3, 6]  # the full records: train.log_every=3
+    per_step = [[r["step_loss"] for r in records if "step_loss" in r] for records in (straight, resumed)]
+    assert per_step[1] == per_step[0]  # bit for bit
+    steps, losses = load_loss_curve(runs / "resumed" / "metrics.jsonl")
+    assert steps == list(range(1, CURVE_STEPS + 1)) and all(math.isfinite(v) for v in losses)
+    assert (steps, losses) == load_loss_curve(runs / "straight" / "metrics.jsonl")
+
+
+def test_the_report_entrypoint_draws_every_step_and_the_schedule_of_real_runs(
+    trained: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs, _ = trained
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
+    done = subprocess.run(
+        [sys.executable, "-m", "cbn_detect.report", str(runs), "--images", "0"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| retinanet_tiny | cbn | 4 | 1 | 4 | 2 | 2 completed |" in done.stdout
+    for name, _ in FIGURES:
+        assert (runs / name).read_bytes().startswith(PNG_SIGNATURE), name
+    # the loss-curve figure of the same folder, caught before it is saved, holds what the PNG shows
+    from cbn_detect import report
+
+    caught = {}
+    monkeypatch.setattr(report, "_save_png", lambda figure, path: caught.setdefault(Path(path).name, figure))
+    report.write_figures(collect_runs(runs), runs)
+    (ax,) = caught["loss_curves.png"].axes
+    curves = {line.get_gid(): list(line.get_xdata()) for line in ax.get_lines() if line.get_gid().startswith("loss:")}
+    assert curves == {"loss:straight": list(range(1, 9)), "loss:resumed": list(range(1, 9))}
+    # by hand: int(0.3 x 8) = 2 burn-in steps; the lr decays at round(0.67 x 8) = 5 and round(0.89 x 8) = 7
+    assert [list(line.get_xdata()) for line in ax.get_lines() if line.get_gid() == "burnin:cbn"] == [[2, 2]]
+    assert sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_gid() == "lr_decay") == [5, 7]

@@ -315,6 +315,7 @@ def train_one_epoch(
                 record = {
                     "epoch": state.epoch + 1,
                     "loss": agreed.loss,
+                    "step_loss": agreed.loss,
                     **{f"loss/{k}": v for k, v in agreed.terms.items()},
                     "loss_variance_window": loss_variance(state.recent_losses),
                     "lr": optimizer.param_groups[0]["lr"],
@@ -323,6 +324,8 @@ def train_one_epoch(
                 }
                 _log(sinks, record, state.step)
             window_start, window_images = time.perf_counter(), 0
+        else:  # every step's loss, for the loss curve; a resume cuts metrics.jsonl back to its step
+            _log(sinks, {"step_loss": agreed.loss}, state.step)
         if agreed.signum is not None:
             _checkpoint_and_hand_on(loop, state, watch, agreed.signum)
 

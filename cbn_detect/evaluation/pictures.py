@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from PIL import ImageDraw, ImageFont
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
@@ -135,14 +136,82 @@ def class_color(label: int) -> str:
     return PALETTE[(label - 1) % len(PALETTE)]
 
 
-def draw_boxes(
+Rect = tuple[int, int, int, int]
+"""A label's place in pixels, (x0, y0, x1, y1) with x0 <= x < x1 and y0 <= y < y1."""
+
+LABEL_PAD = 2
+"""Pixels between a label's text and the edge of its filled background."""
+
+
+def _intersects(a: Rect, b: Rect) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_labels(
+    boxes: np.ndarray, sizes: Sequence[tuple[int, int]], width: int, height: int
+) -> list[Rect | None]:
+    """Where each box's label (``sizes``: (w, h) in pixels) goes in a ``width`` x ``height`` picture,
+    no two labels sharing a pixel, or None where there is no room.
+
+    Greedy in the order given, so the caller puts the box that matters most first (the best
+    detection): above the box, else inside its top, else below it, left-aligned with the box and
+    kept inside the picture; where all three are taken, moved down from inside the top past the
+    labels in the way until it fits, as long as it still touches its box (a label further away
+    would name the wrong box), else left out. Crowded boxes otherwise stack their labels on one
+    another and none can be read. Integer arithmetic only: the same boxes give the same picture.
+    """
+    placed: list[Rect] = []
+    spots: list[Rect | None] = []
+    for box, (w, h) in zip(np.asarray(boxes, np.float64).reshape(-1, 4), sizes):
+        x = min(max(int(round(box[0])), 0), max(width - w, 0))
+        top, bottom = int(round(box[1])), int(round(box[3]))
+        spot = None
+        for y in (top - h, top, bottom):  # above the box, inside its top, below it
+            rect = (x, y, x + w, y + h)
+            if y >= 0 and y + h <= height and not any(_intersects(rect, other) for other in placed):
+                spot = rect
+                break
+        y = max(top, 0)
+        while spot is None and y <= bottom and y + h <= height:  # never below the box: it must stay its label
+            rect = (x, y, x + w, y + h)
+            in_the_way = [other for other in placed if _intersects(rect, other)]
+            if in_the_way:
+                y = max(other[3] for other in in_the_way)  # below the lowest label in the way
+            else:
+                spot = rect
+        if spot is not None:
+            placed.append(spot)
+        spots.append(spot)
+    return spots
+
+
+@dataclass
+class Drawing:
+    """A picture with its boxes, and where each box's label went (None: left out, no room)."""
+
+    image: torch.Tensor
+    labels: list[Rect | None]
+
+    @property
+    def unlabelled(self) -> int:
+        return sum(spot is None for spot in self.labels)
+
+
+def _label_font(font: str | None, font_size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The TrueType ``font`` at ``font_size``, or PIL's default font (as torchvision's boxes use)."""
+    return ImageFont.truetype(font, font_size) if font else ImageFont.load_default()
+
+
+def draw_labelled(
     image: torch.Tensor, boxes: np.ndarray, labels: np.ndarray, class_names: Sequence[str], *,
     scores: np.ndarray | None = None, difficult: np.ndarray | None = None, side: int | None = DISPLAY_SIDE,
     font: str | None = None, font_size: int = 11,
-) -> torch.Tensor:
+) -> Drawing:
     """``image`` (uint8 (3, H, W)) scaled to ``side`` pixels on its longer side (None: as it is), with
-    each box in its class's colour, labelled with the class name and the score (``scores``) or
-    ``(difficult)``. ``font``: a TrueType file (PIL's small bitmap font when None)."""
+    each box in its class's colour (torchvision's ``draw_bounding_boxes``) and its label, the class
+    name and the score (``scores``) or ``(difficult)``, white on the class colour where
+    :func:`place_labels` finds room, best score first. ``font``: a TrueType file (PIL's default font
+    when None)."""
     image = as_uint8(image)
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     scale = 1.0
@@ -151,34 +220,62 @@ def draw_boxes(
         size = [max(1, round(image.shape[-2] * scale)), max(1, round(image.shape[-1] * scale))]
         image = TF.resize(image, size, antialias=True)
     if len(boxes) == 0:
-        return image
+        return Drawing(image, [])
+    label_list = np.asarray(labels).tolist()
     names = []
-    for i, label in enumerate(np.asarray(labels).tolist()):
+    for i, label in enumerate(label_list):
         name = class_names[label - 1] if 1 <= label <= len(class_names) else str(label)
         if scores is not None:
             name += f" {float(scores[i]):.2f}"
         elif difficult is not None and bool(difficult[i]):
             name += " (difficult)"
         names.append(name)
-    colors = [class_color(label) for label in np.asarray(labels).tolist()]
+    colors = [class_color(label) for label in label_list]
     height, width = image.shape[-2:]
     drawn = torch.from_numpy(boxes * scale).float()
     drawn[:, 0::2] = drawn[:, 0::2].clamp(0, width - 1)
     drawn[:, 1::2] = drawn[:, 1::2].clamp(0, height - 1)
-    return draw_bounding_boxes(
-        image, drawn, labels=names, colors=colors, width=2, font=font, font_size=font_size if font else None,
-        fill_labels=True, label_colors="white",
-    )
+    picture = TF.to_pil_image(draw_bounding_boxes(image, drawn, colors=colors, width=2))
+    pen = ImageDraw.Draw(picture)
+    typeface = _label_font(font, font_size)
+    reference = pen.textbbox((0, 0), "Ag", font=typeface)  # one height for every label
+    inks = []
+    sizes = []
+    for name in names:
+        left, top, right, bottom = pen.textbbox((0, 0), name, font=typeface)
+        top, bottom = min(top, reference[1]), max(bottom, reference[3])
+        inks.append((left, top))
+        sizes.append((right - left + 2 * LABEL_PAD, bottom - top + 2 * LABEL_PAD))
+    order = list(range(len(names)))
+    if scores is not None:
+        order.sort(key=lambda i: -float(scores[i]))  # stable: ties keep the given order
+    spots = place_labels(drawn.numpy()[order], [sizes[i] for i in order], width, height)
+    placed: list[Rect | None] = [None] * len(names)
+    for i, spot in zip(order, spots):
+        placed[i] = spot
+    for name, color, spot, (left, top) in zip(names, colors, placed, inks):
+        if spot is None:
+            continue
+        pen.rectangle((spot[0], spot[1], spot[2] - 1, spot[3] - 1), fill=color)
+        pen.text((spot[0] + LABEL_PAD - left, spot[1] + LABEL_PAD - top), name, fill="white", font=typeface)
+    return Drawing(TF.pil_to_tensor(picture), placed)
 
 
-def draw_ground_truth(example: Example, class_names: Sequence[str], **kwargs: object) -> torch.Tensor:
-    return draw_boxes(
+def draw_boxes(
+    image: torch.Tensor, boxes: np.ndarray, labels: np.ndarray, class_names: Sequence[str], **kwargs: object
+) -> torch.Tensor:
+    """The picture of :func:`draw_labelled` (same arguments) without where its labels went."""
+    return draw_labelled(image, boxes, labels, class_names, **kwargs).image
+
+
+def draw_ground_truth(example: Example, class_names: Sequence[str], **kwargs: object) -> Drawing:
+    return draw_labelled(
         example.image, example.gt_boxes, example.gt_labels, class_names, difficult=example.gt_difficult, **kwargs
     )
 
 
-def draw_detections(example: Example, class_names: Sequence[str], **kwargs: object) -> torch.Tensor:
-    return draw_boxes(example.image, example.boxes, example.labels, class_names, scores=example.scores, **kwargs)
+def draw_detections(example: Example, class_names: Sequence[str], **kwargs: object) -> Drawing:
+    return draw_labelled(example.image, example.boxes, example.labels, class_names, scores=example.scores, **kwargs)
 
 
 @dataclass
