@@ -1,6 +1,14 @@
 """``python -m cbn_detect.bench gpu``: every CUDA check in one process, one JSON and one markdown table.
 
-What a session lent a GPU runs, in one call, within 8 minutes on one H100/H200:
+Run it once on a machine with a CUDA GPU to check that the GPU paths agree with the CPU-tested
+ones, and to get the benchmark rows on that GPU. From the repository root, with the project's
+environment installed::
+
+    python -m cbn_detect.bench gpu
+
+It takes about 8 minutes on one H100 or H200 (most of it in the four short training runs) and
+needs nothing but the GPU and the installed requirements: no network, no dataset (the runs use the
+built-in synthetic data). The checks:
 
 - ``cbn_fused_fp32``, ``cbn_fused_bf16`` (CUDA only): CBN's compiled window (``norm.fused=on``)
   against its reference path (``off``) on a ResNet-18 trunk over a few SGD steps with a full
@@ -25,30 +33,13 @@ What a session lent a GPU runs, in one call, within 8 minutes on one H100/H200:
 
 Each check records its status (passed, failed, skipped), its numbers and its time; a failing check
 never stops the others, and the JSON and markdown are rewritten after every check, so a run cut
-short still leaves what it measured. A time budget (``--budget-s``) skips the checks that would
-start after it. ``--device cpu --tiny`` runs the same checks at tiny sizes on CPU in under a minute
-(the CUDA-only ones skipped, saying so), which is what the tests run.
-
-On a lent GPU machine (an H200 with torch 2.11, torchvision 0.26 and triton; see the device
-README), from the repository root, one call::
-
-    PYTHONPATH=. python -m cbn_detect.bench gpu --out $OUT
-
-(there: ``python3``, and ``PYTHONPATH=.:/tmp/site`` once the wheels below are installed into
-``/tmp/site``). The machine lacks hydra-core, omegaconf, antlr4-python3-runtime, wandb (and those
-of its requirements the image lacks: pydantic, pydantic-core, annotated-types, typing-inspection,
-platformdirs, cwevals, opentelemetry-*), submitit, hydra-submitit-launcher and pycocotools: they
-travel as wheels in ``.whl`` (``carry: [".whl"]``), installed first as the README shows. The whole
-command, with ``timeout_s=600``::
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit; \
-    PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 python3 -m cbn_detect.bench gpu --out $OUT
+short still leaves what it measured. ``--budget-s`` skips the checks that would start after that
+many seconds; ``--only CHECK ...`` reruns some checks. ``--device cpu --tiny`` runs the same checks
+at tiny sizes on a CPU in under a minute (the CUDA-only ones skipped, saying so).
 
 It writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out`` (default
-``multirun/gpu_check/<date>_<time>``) and prints the markdown; the training runs go to a temporary
-folder (``--work DIR`` keeps them). ``--only CHECK ...`` reruns some checks. Exit code 0 when no
-check failed, 1 otherwise.
+``multirun/gpu_check/<date>_<time>``) and prints the markdown table; the training runs go to a
+temporary folder (``--work DIR`` keeps them). Exit code 0 when no check failed, 1 otherwise.
 """
 
 from __future__ import annotations
