@@ -35,7 +35,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from cbn_detect.data.build import build_dataset, class_names, dataset_problems, train_loader
+from cbn_detect.engine.build import build_model
 from cbn_detect.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from cbn_detect.engine.hooks import (
+    DiagnosticsHook,
+    EpochCheckpoint,
+    EvaluationWriter,
+    HookBase,
+    JobLockRefresh,
+    MetricsWriter,
+    PeriodicEvaluation,
+    ProgressHook,
+    Scores,
+    SlowRunCheck,
+    log_eval,
+)
 from cbn_detect.engine.loss_stats import loss_variance
 from cbn_detect.engine.optim import build_optimizer, build_scheduler
 from cbn_detect.engine.precision import Precision
@@ -46,9 +60,8 @@ from cbn_detect.evaluation.evaluator import evaluate
 from cbn_detect.evaluation.fps import measure_fps
 from cbn_detect.evaluation.pictures import load_examples, pick_images
 from cbn_detect.jobs import identity, launch_job, launches_processes, run_job
-from cbn_detect.models import build_detector
 from cbn_detect.models.fold import inference_copy
-from cbn_detect.norm import convert_norm, resolve_burnin, use_native_sync_batchnorm
+from cbn_detect.norm import resolve_burnin
 from cbn_detect.overrides import refuse_unknown_overrides
 from cbn_detect.results import Results, completed_results, write_results
 from cbn_detect.runtime import (
@@ -62,97 +75,15 @@ from cbn_detect.runtime import (
     set_cudnn_benchmark,
 )
 from cbn_detect.runtime.errors import CheckpointError, ConfigError
-from cbn_detect.runtime.lock import claim_job
+from cbn_detect.runtime.lock import JobLock, claim_job
 from cbn_detect.runtime.phases import phase
 from cbn_detect.runtime.progress import ProgressSettings
-from cbn_detect.tracking import JsonlSink, LoggingSink, MetricSink
-from cbn_detect.tracking.wandb_sink import DetectionPicture, build_wandb_sink
+from cbn_detect.settings import RunSettings, loop_settings
+from cbn_detect.tracking import DetectionPicture, JsonlSink, LoggingSink, MetricSink
+from cbn_detect.tracking.wandb_sink import build_wandb_sink
 from cbn_detect.voc import GroundTruth
 
 log = logging.getLogger("cbn_detect.train")
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """The configuration values the composition root uses, typed and read once."""
-
-    batch: int
-    workers: int
-    seed: int
-    epochs: int
-    threads: int | None
-    device: str
-    amp: str
-    resume: str
-    progress: str
-    progress_every_s: float
-    slow_warning_h: float | None
-    cudnn_benchmark: bool
-    eval_every: int
-    eval_batch: int
-    metrics: tuple[str, ...]
-    coco: bool
-    fps_images: int
-    fps_warmup: int
-    log_images: int
-    image_score: float
-    test_split: str
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> RunSettings:
-        return cls(
-            batch=int(cfg.data.batch), workers=int(cfg.data.workers), seed=int(cfg.seed),
-            epochs=int(cfg.train.epochs), threads=None if cfg.threads is None else int(cfg.threads),
-            device=str(cfg.device), amp=str(cfg.train.amp), resume=str(cfg.train.resume),
-            progress=str(cfg.train.progress), progress_every_s=float(cfg.train.progress_every_s),
-            slow_warning_h=None if cfg.train.slow_warning_h is None else float(cfg.train.slow_warning_h),
-            cudnn_benchmark=bool(cfg.train.cudnn_benchmark),
-            eval_every=int(cfg.eval.every), eval_batch=int(cfg.eval.batch), metrics=tuple(cfg.eval.metrics),
-            coco=bool(cfg.eval.coco), fps_images=int(cfg.eval.fps_images), fps_warmup=int(cfg.eval.fps_warmup),
-            log_images=int(cfg.eval.log_images), image_score=float(cfg.eval.image_score),
-            test_split=str(cfg.data.test_split),
-        )
-
-
-def loop_settings(
-    cfg: DictConfig, progress: ProgressSettings | bool, slow_warning_h: float | None = None
-) -> LoopSettings:
-    return LoopSettings(
-        epochs=int(cfg.train.epochs),
-        max_grad_norm=None if cfg.train.max_grad_norm is None else float(cfg.train.max_grad_norm),
-        log_every=int(cfg.train.log_every),
-        progress=progress,
-        slow_warning_h=slow_warning_h,
-        max_nonfinite=int(cfg.train.max_nonfinite),
-        loss_window=int(cfg.train.loss_window),
-        diagnostics=str(cfg.diagnostics.level),
-        diagnostics_every=int(cfg.diagnostics.every),
-    )
-
-
-def build_model(cfg: DictConfig, num_classes: int, device: torch.device, total_steps: int | None = None) -> nn.Module:
-    """The detector with the configured norm, on ``device``, with the speed options applied.
-
-    ``total_steps`` (training iterations per process) turns a fractional ``norm.burnin`` into
-    iterations. On CUDA, SyncBN runs as torch's ``nn.SyncBatchNorm`` (same state, fused kernels).
-    ``train.compile`` compiles the backbone and head in place (``Module.compile``), which keeps
-    parameter names and therefore checkpoints unchanged; torchvision's loss and post-processing
-    loop over images with data-dependent shapes and stay eager.
-    """
-    model = build_detector(cfg.model, num_classes=num_classes)
-    norm_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.norm, resolve=True).items() if k != "name"}
-    if "burnin" in norm_kwargs:
-        norm_kwargs["burnin"] = resolve_burnin(norm_kwargs["burnin"], total_steps)
-        log.info("norm %s: plain-BN burn-in of %d iterations", cfg.norm.name, norm_kwargs["burnin"])
-    model = convert_norm(model, str(cfg.norm.name), **norm_kwargs).to(device)
-    if device.type == "cuda":
-        model = use_native_sync_batchnorm(model)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.train.compile:
-        model.backbone.compile()
-        model.head.compile()
-    return model
 
 
 def build_sinks(
@@ -180,11 +111,22 @@ def close_sinks(sinks: list[MetricSink], results: Results | None) -> None:
     summary = None if results is None else results.to_dict()
     for sink in sinks:
         try:
-            if summary is not None and hasattr(sink, "summary"):
+            if summary is not None:
                 sink.summary(summary)
             sink.close()
         except Exception as err:  # noqa: BLE001 - see the docstring
             log.warning("closing %s failed (%s: %s)", type(sink).__name__, type(err).__name__, err)
+
+
+def release_lock(lock: JobLock | None) -> None:
+    """The job's lock goes last, once the sinks have written everything; failing to remove it is a
+    warning, as for a sink (a lock left behind is taken over as this process's own, or as stale)."""
+    if lock is None:
+        return
+    try:
+        lock.release()
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        log.warning("releasing %s failed (%s: %s)", lock.path, type(err).__name__, err)
 
 
 def job_name(cfg: DictConfig) -> str:
@@ -214,16 +156,6 @@ def train_summary(state: TrainState) -> dict[str, Any]:
     }
 
 
-def log_eval(sinks: list[MetricSink], state: TrainState, scores: dict[str, Any] | None) -> None:
-    if scores is None:
-        return
-    record = {"epoch": state.epoch, **{f"eval/{k}": v for k, v in scores.items() if k.startswith("map_")}}
-    record.update({f"eval/coco_{k}": v for k, v in scores.get("coco", {}).items()})
-    with phase("logging"):
-        for sink in sinks:
-            sink.log(record, state.step)
-
-
 @dataclass
 class Run:
     """What ``setup`` assembles for one run: everything ``train`` and ``finish`` use."""
@@ -246,55 +178,79 @@ class Run:
     state: TrainState
     sinks: list[MetricSink]
     progress: ProgressSettings
+    lock: JobLock | None
+    """This job's lock (rank 0 only): refreshed by a hook while training, released when the run ends."""
 
     def identity(self) -> dict[str, Any]:
         return identity(self.cfg, self.info.world_size)
 
     def checkpoint(self) -> None:
-        with phase("checkpoint"):
-            save_checkpoint(
-                checkpoint_path(self.run_dir, self.info), self.net, self.optimizer, self.scheduler, self.state,
-                self.precision, config=OmegaConf.to_container(self.cfg, resolve=False),  # evaluable on its own
-            )
+        save_checkpoint(
+            checkpoint_path(self.run_dir, self.info),
+            self.net,
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            self.precision,
+            config=OmegaConf.to_container(self.cfg, resolve=False),  # evaluable on its own
+        )
 
-    def score(self) -> dict[str, Any] | None:
+    def score(self) -> Scores | None:
         """Evaluate the current weights (sharded over the processes; rank 0 gets the scores) on
         the fast path: an inference copy with the norms folded into their convs, the network
         itself left as it is."""
         s = self.settings
-        with phase("evaluation"):
-            broadcast_buffers(self.net, self.info)  # every shard evaluates the weights rank 0 checkpoints
-            return evaluate(
-                inference_copy(self.net), self.test_set, self.gt, self.classes, self.device, self.info,
-                batch=s.eval_batch, workers=s.workers, metrics=list(s.metrics), coco=s.coco,
-                detections_dir=self.run_dir / "detections", split=s.test_split, progress=self.progress,
-            )
+        broadcast_buffers(self.net, self.info)  # every shard evaluates the weights rank 0 checkpoints
+        return evaluate(
+            inference_copy(self.net),
+            self.test_set,
+            self.gt,
+            self.classes,
+            self.device,
+            self.info,
+            batch=s.eval_batch,
+            workers=s.workers,
+            metrics=list(s.metrics),
+            coco=s.coco,
+            detections_dir=self.run_dir / "detections",
+            split=s.test_split,
+            progress=self.progress,
+        )
 
     def log_pictures(self) -> None:
         """``eval.log_images`` test images with their ground truth and the detections of the evaluation
         just written (read back from its devkit files, as the report draws them) to the sinks that
         show images (W&B), at the current step. As everything for W&B, it never stops the run: a
         failure is one warning."""
-        sinks = [sink for sink in self.sinks if hasattr(sink, "log_detections")]
-        if self.settings.log_images < 1 or not sinks:
+        if self.settings.log_images < 1 or not any(sink.draws for sink in self.sinks):
             return
         try:
             examples = load_examples(
-                self.test_set, self.gt, self.run_dir / "detections", self.settings.test_split, self.classes,
-                pick_images(self.gt, self.settings.log_images), self.settings.image_score,
+                self.test_set,
+                self.gt,
+                self.run_dir / "detections",
+                self.settings.test_split,
+                self.classes,
+                pick_images(self.gt, self.settings.log_images),
+                self.settings.image_score,
             )
         except Exception as err:  # noqa: BLE001 - see the docstring
             log.warning("no detection images for W&B (%s: %s)", type(err).__name__, err)
             return
         pictures = [
             DetectionPicture(
-                image=np.ascontiguousarray(e.image.permute(1, 2, 0).numpy()), caption=e.image_id,
-                gt_boxes=e.gt_boxes, gt_labels=e.gt_labels, gt_difficult=e.gt_difficult,
-                boxes=e.boxes, scores=e.scores, labels=e.labels,
+                image=np.ascontiguousarray(e.image.permute(1, 2, 0).numpy()),
+                caption=e.image_id,
+                gt_boxes=e.gt_boxes,
+                gt_labels=e.gt_labels,
+                gt_difficult=e.gt_difficult,
+                boxes=e.boxes,
+                scores=e.scores,
+                labels=e.labels,
             )
             for e in examples
         ]
-        for sink in sinks:
+        for sink in self.sinks:
             sink.log_detections("eval/examples", pictures, self.classes, self.state.step)
 
 
@@ -314,9 +270,7 @@ def setup_data(
     return classes, train_set, test_set, loader
 
 
-def setup_model(
-    cfg: DictConfig, info: DistInfo, device: torch.device, num_classes: int, total_steps: int
-) -> nn.Module:
+def setup_model(cfg: DictConfig, info: DistInfo, device: torch.device, num_classes: int, total_steps: int) -> nn.Module:
     """The network, checked for a norm that cannot run at this batch (not yet wrapped: see
     :func:`wrap_model`)."""
     net = build_model(cfg, num_classes, device, total_steps)
@@ -336,8 +290,13 @@ def wrap_model(net: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
 
 
 def resume(
-    settings: RunSettings, run_dir: Path, info: DistInfo, net: nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision,
+    settings: RunSettings,
+    run_dir: Path,
+    info: DistInfo,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    precision: Precision,
 ) -> TrainState:
     """Each process's checkpoint loaded into its network (before the DDP wrap), or a fresh state.
 
@@ -375,7 +334,8 @@ def setup(cfg: DictConfig, run_dir: Path, wandb_group: str | None, several_jobs:
     progress = ProgressSettings.resolve(settings.progress, settings.progress_every_s)  # a bad value fails first
     info, device = init_distributed(resolve_device(settings.device))
     progress = replace(
-        progress, mode=progress.mode if info.is_main else "off",
+        progress,
+        mode=progress.mode if info.is_main else "off",
         name=job_name(cfg) if several_jobs or info.world_size > 1 else "",
     )
     run_dir = Path(broadcast_object(str(run_dir), info))
@@ -396,34 +356,67 @@ def setup(cfg: DictConfig, run_dir: Path, wandb_group: str | None, several_jobs:
     gt = test_set.ground_truth()
     with phase("logging"):
         sinks = build_sinks(cfg, run_dir, state, info, wandb_group)  # last: from here on run() closes them
-    if lock is not None:
-        sinks.append(lock)  # refreshed at every logged step, released when the sinks close
     return Run(
-        cfg, settings, info, device, run_dir, precision, classes, train_set, test_set, gt, loader, net, model,
-        optimizer, scheduler, state, sinks, progress,
+        cfg,
+        settings,
+        info,
+        device,
+        run_dir,
+        precision,
+        classes,
+        train_set,
+        test_set,
+        gt,
+        loader,
+        net,
+        model,
+        optimizer,
+        scheduler,
+        state,
+        sinks,
+        progress,
+        lock,
     )
+
+
+def build_hooks(run: Run, settings: LoopSettings) -> list[HookBase]:
+    """What the run does around its training steps, in the order it happens at each step and each
+    epoch's end: diagnostics before the step's record (metrics.jsonl keeps that order), the
+    checkpoint before an evaluation, the lock refreshed after all of them."""
+    slow = SlowRunCheck(settings.slow_warning_h, run.device.type, settings.progress.name)
+    found: list[HookBase] = []
+    if settings.diagnostics != "off":
+        found.append(DiagnosticsHook(run.net, run.sinks, settings.diagnostics, settings.diagnostics_every))
+    found += [
+        ProgressHook(settings.progress, settings.epochs, run.info.world_size, slow),
+        MetricsWriter(run.sinks, settings.log_every, run.device, run.optimizer),
+        EpochCheckpoint(run.checkpoint),
+    ]
+    if run.settings.eval_every > 0:
+        evaluation = PeriodicEvaluation(run.score, run.settings.eval_every, settings.epochs)
+        found += [evaluation, EvaluationWriter(evaluation, run.sinks, run.log_pictures)]
+    if run.lock is not None:
+        found.append(JobLockRefresh(run.lock))
+    return found
 
 
 def train(run: Run) -> None:
     """Fit from the run's state to ``train.epochs``, checkpointing (and evaluating every
     ``eval.every`` epochs) at each epoch's end."""
-    settings = run.settings
-
-    def end_of_epoch(state: TrainState) -> None:
-        run.checkpoint()
-        if settings.eval_every > 0 and state.epoch % settings.eval_every == 0 and state.epoch < settings.epochs:
-            scores = run.score()
-            log_eval(run.sinks, state, scores)
-            if scores is not None:
-                with phase("logging"):
-                    run.log_pictures()
-
-    slow_warning_h = settings.slow_warning_h if run.info.is_main else None
+    slow_warning_h = run.settings.slow_warning_h if run.info.is_main else None
+    settings = loop_settings(run.cfg, run.progress, slow_warning_h)
     loop = Loop(
-        run.model, run.loader, run.optimizer, run.scheduler, run.device,
-        loop_settings(run.cfg, run.progress, slow_warning_h), run.sinks, run.checkpoint, run.precision,
+        run.model,
+        run.loader,
+        run.optimizer,
+        run.scheduler,
+        run.device,
+        settings,
+        run.sinks,
+        run.checkpoint,
+        run.precision,
     )
-    fit(loop, run.state, end_of_epoch)
+    fit(loop, run.state, build_hooks(run, settings))
 
 
 def finish_diverged(run: Run, err: TrainingDiverged) -> Results:
@@ -480,9 +473,13 @@ def finish(run: Run) -> Results:
     with stop_on_signals(run.state.step):
         log.info("final evaluation on %d test images", len(run.test_set))
         start = time.perf_counter()
-        scores = run.score()
+        with phase("evaluation"):
+            scores = run.score()
         eval_time = time.perf_counter() - start
-        log_eval(run.sinks, run.state, scores)
+        with phase("logging"):
+            log_eval(run.sinks, run.state, scores)
+            if run.lock is not None:
+                run.lock.refresh_if_due()
         if not run.info.is_main or scores is None:
             return Results(status="completed", **run.identity())
         with phase("logging"):
@@ -492,17 +489,30 @@ def finish(run: Run) -> Results:
                 inference_copy(run.net), run.test_set, run.device, s.fps_images, s.fps_warmup, progress=run.progress
             )
     results = Results(
-        status="completed", **run.identity(), dataset_dir=str(run.test_set.root.absolute()), test_split=s.test_split,
-        **scores, fps=fps, **train_summary(run.state), eval_time_s=eval_time,
+        status="completed",
+        **run.identity(),
+        dataset_dir=str(run.test_set.root.absolute()),
+        test_split=s.test_split,
+        **scores,
+        fps=fps,
+        **train_summary(run.state),
+        eval_time_s=eval_time,
         data_problems={"train": dataset_problems(run.train_set), "test": dataset_problems(run.test_set)},
-        device=str(run.device), amp=s.amp, torch=torch.__version__,
+        device=str(run.device),
+        amp=s.amp,
+        torch=torch.__version__,
     )
     with phase("logging"):
         write_results(run.run_dir, results)
     log.info(
         "%s %s batch %d: VOC07 mAP %.4f, loss variance %.4g, %.1f FPS -> %s",
-        results.model, results.norm, results.batch, math.nan if results.map_voc07 is None else results.map_voc07,
-        results.loss_variance, results.fps["fps_model"], run.run_dir,
+        results.model,
+        results.norm,
+        results.batch,
+        math.nan if results.map_voc07 is None else results.map_voc07,
+        results.loss_variance,
+        results.fps["fps_model"],
+        run.run_dir,
     )
     return results
 
@@ -510,7 +520,7 @@ def finish(run: Run) -> Results:
 def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None, several_jobs: bool = False) -> Results:
     """Train and evaluate one configuration into ``run_dir``. However it ends (completed, diverged,
     interrupted, failed), its sinks are closed once setup has built them: W&B finishes,
-    ``metrics.jsonl`` is closed, the job's lock released; with the final numbers when there are.
+    ``metrics.jsonl`` is closed (with the final numbers when there are); then the job's lock is released.
     ``several_jobs``: its console is shared with other jobs (a multirun; see :func:`setup`)."""
     with phase("setup"):
         job = setup(cfg, run_dir, wandb_group, several_jobs)
@@ -525,6 +535,7 @@ def run(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None, several_
     finally:
         with phase("logging"):
             close_sinks(job.sinks, results)
+            release_lock(job.lock)
     return results
 
 

@@ -6,9 +6,9 @@ overwriting one checkpoint. The first process to create ``job.lock`` (``O_CREAT 
 also on NFS v3+) holds the job; any other finds it held and skips the job.
 
 The file says who holds it (pid, host, SLURM job, start time) and its modification time says when
-the holder last showed progress: the holder touches it as training goes (the lock is also a metric
-sink, so the training loop refreshes it at every logged step without knowing about it). A lock whose
-holder is gone is taken over rather than blocking the job forever. It is stale when:
+the holder last showed progress: the holder touches it as training goes (a hook of the training
+loop calls :meth:`JobLock.refresh_if_due` after every step). A lock whose holder is gone is taken
+over rather than blocking the job forever. It is stale when:
 
 - its process is gone: same host and the pid is no longer running (or now belongs to another process,
   told apart by its start time in ``/proc``), or it is this very process's (left by an earlier run of
@@ -40,7 +40,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from cbn_detect.runtime.distributed import DistInfo, broadcast_object
 
@@ -158,8 +157,13 @@ def read_holder(run_dir: Path) -> Holder | None:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         return Holder(
-            pid=int(raw["pid"]), host=str(raw["host"]), slurm_job=raw.get("slurm_job"), started=float(raw["started"]),
-            pid_start=raw.get("pid_start"), token=str(raw["token"]), refreshed=mtime,
+            pid=int(raw["pid"]),
+            host=str(raw["host"]),
+            slurm_job=raw.get("slurm_job"),
+            started=float(raw["started"]),
+            pid_start=raw.get("pid_start"),
+            token=str(raw["token"]),
+            refreshed=mtime,
         )
     except FileNotFoundError:
         return None  # released between the two calls
@@ -209,11 +213,7 @@ _held: set[JobLock] = set()
 
 
 class JobLock:
-    """The lock this process holds on a job directory.
-
-    It is also a metric sink (``log``, ``close``): put among the run's sinks, every logged step
-    refreshes it (at most every ``REFRESH_EVERY_S``) and closing the sinks releases it.
-    """
+    """The lock this process holds on a job directory, from :func:`claim_job` until :meth:`release`."""
 
     def __init__(self, path: Path, holder: Holder) -> None:
         self.path = path
@@ -245,12 +245,10 @@ class JobLock:
         if current is not None and current.token == self.holder.token:
             self.path.unlink(missing_ok=True)
 
-    def log(self, metrics: dict[str, Any], step: int) -> None:
+    def refresh_if_due(self) -> None:
+        """:meth:`refresh`, at most every ``REFRESH_EVERY_S``: the training loop calls this after every step."""
         if time.monotonic() - self._last_refresh >= REFRESH_EVERY_S:
             self.refresh()
-
-    def close(self) -> None:
-        self.release()
 
 
 def _create(path: Path, holder: Holder) -> bool:

@@ -1,5 +1,5 @@
 """Where metrics go: the trainer only knows the small ``MetricSink`` interface."""
 
-from cbn_detect.tracking.sinks import JsonlSink, LoggingSink, MetricSink
+from cbn_detect.tracking.sinks import DetectionPicture, JsonlSink, LoggingSink, MetricSink
 
-__all__ = ["JsonlSink", "LoggingSink", "MetricSink"]
+__all__ = ["DetectionPicture", "JsonlSink", "LoggingSink", "MetricSink"]

@@ -37,7 +37,6 @@ import string
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ import wandb
 
 from cbn_detect.runtime import io
 from cbn_detect.runtime.errors import ConfigError
+from cbn_detect.tracking.sinks import DetectionPicture, MetricSink
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +62,11 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 """The signals a scheduler sends before it ends a job (those the training loop checkpoints on)."""
 
 
-@dataclass(frozen=True)
-class DetectionPicture:
-    """An image with its ground truth and detections, as W&B's box overlay shows them: ``image`` is
-    uint8 (H, W, 3); boxes are float xyxy in the image's pixels, labels 1..C (the class names'
-    order), ``gt_difficult`` flags the difficult objects."""
-
-    image: np.ndarray
-    caption: str
-    gt_boxes: np.ndarray
-    gt_labels: np.ndarray
-    gt_difficult: np.ndarray
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-
-
 def box_data(
-    boxes: np.ndarray, labels: np.ndarray, class_names: Sequence[str], scores: np.ndarray | None = None,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    scores: np.ndarray | None = None,
     difficult: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """W&B's ``box_data``: each box's pixel position, class id (our label), caption and score."""
@@ -117,7 +104,7 @@ def wandb_image(picture: DetectionPicture, class_names: Sequence[str]) -> wandb.
     return wandb.Image(picture.image, boxes=boxes, caption=picture.caption)
 
 
-class WandbSink:
+class WandbSink(MetricSink):
     """One W&B run: per-step metrics at our global step, the final numbers in the run summary.
 
     A job that SLURM requeues (submitit's handler of SIGUSR2 calls ``scontrol requeue``) is killed
@@ -126,6 +113,8 @@ class WandbSink:
     So where such a handler is installed (a callable, not the default action) for ``SIGNALS``, the
     sink finishes its run first, then calls it (the training loop calls it after its checkpoint).
     """
+
+    draws = True
 
     def __init__(self, run: Any) -> None:
         self.run = run
@@ -161,7 +150,10 @@ class WandbSink:
             self._broken = True
             log.warning(
                 "W&B %s failed (%s: %s); W&B logging is off for the rest of this run. "
-                "metrics.jsonl and results.json still hold everything.", what, type(err).__name__, err,
+                "metrics.jsonl and results.json still hold everything.",
+                what,
+                type(err).__name__,
+                err,
             )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -259,7 +251,12 @@ def run_id(run_dir: Path, resume: bool) -> str:
 
 
 def _init(
-    mode: str, wandb_cfg: Mapping[str, Any], run_config: dict, name: str, group: str | None, run_dir: Path,
+    mode: str,
+    wandb_cfg: Mapping[str, Any],
+    run_config: dict,
+    name: str,
+    group: str | None,
+    run_dir: Path,
     wandb_id: str,
 ) -> Any:
     if mode == "online" and not wandb.login(prompt=False, verify=False):
@@ -321,7 +318,10 @@ def build_wandb_sink(
                 "`wandb sync %s/wandb/offline-run-*`. To log online, set WANDB_API_KEY (or run "
                 "`wandb login`) and check that the server (WANDB_BASE_URL, default api.wandb.ai) is "
                 "reachable within wandb.init_timeout=%s s; wandb.mode=offline skips this attempt.",
-                type(err).__name__, err, run_dir, wandb_cfg.get("init_timeout"),
+                type(err).__name__,
+                err,
+                run_dir,
+                wandb_cfg.get("init_timeout"),
             )
             mode = "offline"
     try:
@@ -330,6 +330,7 @@ def build_wandb_sink(
         log.warning(
             "W&B offline could not start (%s: %s); this run goes on without W&B "
             "(metrics.jsonl and results.json hold everything). wandb.mode=disabled silences this.",
-            type(err).__name__, err,
+            type(err).__name__,
+            err,
         )
         return None
