@@ -56,6 +56,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cbn_detect.data.build import build_dataset, class_names
+from cbn_detect.engine.build import build_model
 from cbn_detect.engine.checkpoint import NORM_KINDS, StateDictDiff, compare_state_dicts, read_checkpoint
 from cbn_detect.evaluation.evaluator import evaluate
 from cbn_detect.evaluation.fps import measure_fps
@@ -72,7 +73,7 @@ from cbn_detect.runtime import (
     started_by_a_launcher,
 )
 from cbn_detect.runtime.errors import CheckpointError, ConfigError, ReportedError
-from cbn_detect.train import RunSettings, build_model
+from cbn_detect.settings import RunSettings
 from cbn_detect.voc import DatasetError
 
 log = logging.getLogger("cbn_detect.evaluate")
@@ -127,9 +128,8 @@ def locate(target: Path) -> Target:
         payload = read_checkpoint(checkpoint, mmap=True)
         if (run_dir / RUN_CONFIG).is_file():
             return Target(run_dir, checkpoint)  # the run folder's config, whatever the checkpoint carries
-        config = payload.get("config")
-        if isinstance(config, Mapping):
-            return Target(checkpoint.parent, checkpoint, dict(config))
+        if payload["config"] is not None:
+            return Target(checkpoint.parent, checkpoint, dict(payload["config"]))
         raise ConfigError(
             f"{target}: not in a run of cbn_detect.train ({run_dir / RUN_CONFIG} not found) and, written before "
             "checkpoints carried their config, it holds none; evaluate it as RUN/checkpoints/last.pt inside the "
@@ -202,7 +202,7 @@ def checkpoint_config(config: Mapping[str, Any], overrides: list[str]) -> DictCo
 
 
 def _labelled(config: Mapping[str, Any] | DictConfig | None) -> str | None:
-    """"<model> with <norm>" of a config (the checkpoint's own, say), None when it has not both."""
+    """ "<model> with <norm>" of a config (the checkpoint's own, say), None when it has not both."""
     try:
         return f"{config['model']['name']} with {config['norm']['name']}"  # type: ignore[index]
     except (KeyError, TypeError):
@@ -264,7 +264,8 @@ def mismatch_message(
         saved_kinds, model_kinds = set(diff.saved_norms.values()), set(diff.model_norms.values())
         if saved_kinds != model_kinds:
             theirs_are = (
-                f"its norm layers are {_norm_kinds(saved_kinds)}" if saved_kinds
+                f"its norm layers are {_norm_kinds(saved_kinds)}"
+                if saved_kinds
                 else "it has no norm layers (its convs have biases instead: norm none)"
             )
             ours_are = f"has {_norm_kinds(model_kinds)}" if model_kinds else "has no norm layers"
@@ -277,7 +278,9 @@ def mismatch_message(
     if diff.classes_differ:  # with another norm as well (alone, it has its own message above)
         differs.append("classes")
         count = _saved_classes(diff, num_classes)
-        details.append(f"its class-score layers are sized for {count or 'another number of'} classes, not {num_classes}")
+        details.append(
+            f"its class-score layers are sized for {count or 'another number of'} classes, not {num_classes}"
+        )
     if not differs:
         details.append(
             f"{len(diff.missing)} keys missing, {len(diff.unexpected)} unexpected, {len(diff.resized)} of other sizes"
@@ -287,9 +290,7 @@ def mismatch_message(
     else:
         what = f"weights that do not fit {ours}"
     if theirs is not None and theirs != ours:
-        advice = (
-            f"its own config says {theirs}: evaluate a copy of it outside this run folder, which uses that config"
-        )
+        advice = f"its own config says {theirs}: evaluate a copy of it outside this run folder, which uses that config"
     else:
         advice = "evaluate it in the run folder it was trained in"
     return f"checkpoint {checkpoint} holds {what}: {'; '.join(details)}; e.g. {diff.evidence()}; {advice}"
@@ -313,9 +314,8 @@ def evaluate_run(
         classes = class_names(cfg.data)
         test_set = build_dataset(cfg.data, train=False)
         payload = read_checkpoint(checkpoint)
-        state = payload.get("state") or {}
-        saved_cfg = payload.get("config") if isinstance(payload.get("config"), Mapping) else None
-        net = build_model(cfg, len(classes), device, total_steps=max(1, int(state.get("step") or 1)))
+        state, saved_cfg = payload["state"], payload["config"]
+        net = build_model(cfg, len(classes), device, total_steps=max(1, state["step"]))
         diff = compare_state_dicts(payload["model"], net.state_dict())
         if not diff.fits:  # say what differs rather than torch's list of every key
             raise CheckpointError(mismatch_message(checkpoint, diff, cfg, len(classes), saved_cfg))
@@ -329,19 +329,35 @@ def evaluate_run(
             ) from err
         theirs, ours = _labelled(saved_cfg), f"{cfg.model.name} with {cfg.norm.name}"
         if theirs is not None and theirs != ours:  # bn, syncbn and brn (cbn, cbn_naive) share their keys
-            log.warning("%s was trained as %s (its own config); evaluating it as %s, the run's", checkpoint, theirs, ours)
+            log.warning(
+                "%s was trained as %s (its own config); evaluating it as %s, the run's", checkpoint, theirs, ours
+            )
         model = inference_copy(net)  # the fast path the run's own evaluation took: norms folded
         del net
         split = settings.test_split
         log.info(
             "evaluating %s (epoch %s) on %s/%s: %d images, %d process(es)",
-            checkpoint, state.get("epoch"), cfg.data.name, split, len(test_set), info.world_size,
+            checkpoint,
+            state["epoch"],
+            cfg.data.name,
+            split,
+            len(test_set),
+            info.world_size,
         )
         start = time.perf_counter()
         scores = evaluate(
-            model, test_set, test_set.ground_truth(), classes, device, info,
-            batch=settings.eval_batch, workers=settings.workers, metrics=list(settings.metrics), coco=settings.coco,
-            detections_dir=Path(run_dir) / f"{prefix}eval_{split}", split=split,
+            model,
+            test_set,
+            test_set.ground_truth(),
+            classes,
+            device,
+            info,
+            batch=settings.eval_batch,
+            workers=settings.workers,
+            metrics=list(settings.metrics),
+            coco=settings.coco,
+            detections_dir=Path(run_dir) / f"{prefix}eval_{split}",
+            split=split,
         )
         eval_time = time.perf_counter() - start
         if scores is None:
@@ -369,7 +385,11 @@ def evaluate_run(
         io.write_json(eval_file(run_dir, split, prefix), record)
         log.info(
             "%s on %s/%s: VOC07 mAP %.4f -> %s",
-            cfg.model.name, cfg.data.name, split, record.get("map_voc07", math.nan), eval_file(run_dir, split, prefix),
+            cfg.model.name,
+            cfg.data.name,
+            split,
+            record.get("map_voc07", math.nan),
+            eval_file(run_dir, split, prefix),
         )
         return record
     finally:

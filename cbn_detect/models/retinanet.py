@@ -51,11 +51,7 @@ class PerLevelNormTower(nn.Module):
             nn.init.normal_(conv.weight, std=0.01)
 
     def norm_producers(self) -> dict[str, nn.Conv2d]:
-        return {
-            f"norms.{i}.{level}": conv
-            for i, conv in enumerate(self.conv)
-            for level in range(len(self.norms[i]))
-        }
+        return {f"norms.{i}.{level}": conv for i, conv in enumerate(self.conv) for level in range(len(self.norms[i]))}
 
     def forward(self, x: Tensor, level: int) -> Tensor:
         for conv, norms in zip(self.conv, self.norms):
@@ -153,14 +149,16 @@ class RetinaNetDetector(RetinaNet):
         gt_boxes, gt_labels, gt_valid = batched.pad_targets(targets, anchors_t.device)
         matcher = self.proposal_matcher
         matched = batched.assign(
-            gt_boxes, gt_valid, anchors_t, matcher.high_threshold, matcher.low_threshold,
+            gt_boxes,
+            gt_valid,
+            anchors_t,
+            matcher.high_threshold,
+            matcher.low_threshold,
             matcher.allow_low_quality_matches,
         )
         cls_head, reg_head = self.head.classification_head, self.head.regression_head
         return {
-            "classification": batched.classification_loss(
-                cls_logits, gt_labels, matched, cls_head.BETWEEN_THRESHOLDS
-            ),
+            "classification": batched.classification_loss(cls_logits, gt_labels, matched, cls_head.BETWEEN_THRESHOLDS),
             "bbox_regression": batched.regression_loss(
                 bbox_regression, anchors_t, gt_boxes, matched, reg_head.box_coder, reg_head._loss_type
             ),
@@ -208,8 +206,8 @@ def build_retinanet(
     extra_levels: str = "p6p7",
     anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
     head_convs: int = 4,
-    min_size: int = 800,
-    max_size: int = 1333,
+    min_size: int = 600,
+    max_size: int = 1000,
     score_thresh: float = 0.05,
     nms_thresh: float = 0.5,
     detections_per_img: int = 100,

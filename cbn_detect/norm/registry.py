@@ -1,7 +1,7 @@
 """Every norm of the study by name: how to build it and what the rest of the program needs to
 know about it (its traits), in one table. Option defaults live in one place, the layers'
-constructors; the conf/norm files list the same values for the command line (a test keeps them
-equal)."""
+constructors, CBN's burn-in excepted (:data:`BURNIN_FRACTION` says why); the conf/norm files list
+the same values for the command line (tests/test_config_defaults.py keeps the three equal)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,14 @@ NORMS: dict[str, NormSpec] = {
 
 NORM_NAMES: tuple[str, ...] = tuple(NORMS)
 
+BURNIN_FRACTION = 0.6667
+"""The default plain-BN burn-in of the norms that have one (``NormSpec.burnin``): a fraction of the
+run's training iterations, the CBN authors' 8 of 12 epochs (conf/norm/cbn.yaml). The one default
+that cannot be the constructor's: a layer is built before, and without knowing, the run's length,
+so ``CrossIterationBatchNorm2d(burnin=...)`` takes iterations (its own default serves a layer used
+outside a run) and :func:`resolve_burnin` turns this fraction into them for a run. conf/config.yaml
+states it as ``cbn_burnin``, which the conf/norm files of these norms read."""
+
 # Constructor arguments that are not hyper-parameters of the study.
 _NOT_OPTIONS = {"num_features", "affine", "track_running_stats", "bias", "device", "dtype", "process_group"}
 
@@ -77,14 +85,18 @@ def norm_spec(name: str) -> NormSpec:
 
 def norm_defaults(name: str) -> dict[str, Any]:
     """The hyper-parameters a norm accepts (its config keys besides ``name`` and ``where``), with
-    their defaults: the constructor's, minus what the registry fixes (cbn_naive's ``rho``)."""
-    build = norm_spec(name).build
-    fixed = set(build.keywords) if isinstance(build, functools.partial) else set()
-    return {
+    their defaults: the constructor's, minus what the registry fixes (cbn_naive's ``rho``), and a
+    burn-in as :data:`BURNIN_FRACTION` of the run."""
+    spec = norm_spec(name)
+    fixed = set(spec.build.keywords) if isinstance(spec.build, functools.partial) else set()
+    defaults = {
         key: param.default
-        for key, param in inspect.signature(build).parameters.items()
+        for key, param in inspect.signature(spec.build).parameters.items()
         if key not in _NOT_OPTIONS | fixed and param.kind is not param.VAR_KEYWORD
     }
+    if spec.burnin:
+        defaults["burnin"] = BURNIN_FRACTION
+    return defaults
 
 
 def norm_options(name: str) -> tuple[str, ...]:
@@ -108,7 +120,5 @@ def build_norm(name: str, num_features: int, **cfg: Any) -> nn.Module:
     valid = norm_options(name)
     unknown = sorted(set(cfg) - set(valid))
     if unknown:
-        raise ConfigError(
-            f"norm {name!r} got unknown option(s) {unknown}; valid options: {list(valid) or 'none'}"
-        )
+        raise ConfigError(f"norm {name!r} got unknown option(s) {unknown}; valid options: {list(valid) or 'none'}")
     return norm_spec(name).build(num_features, **cfg)
