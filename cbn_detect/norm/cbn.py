@@ -8,16 +8,20 @@ hard-coded to CUDA; derivatives come from closed forms instead of extra autograd
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from cbn_detect.norm.cbn_math import (
     ConvGeometry,
+    RunningStats,
     TaylorInputs,
+    WindowInputs,
     WindowResult,
     cbn_window_forward,
     conv_geometry,
@@ -52,6 +56,14 @@ def _compiled_window_forward() -> Callable[..., WindowResult]:
     # dynamic=True: one graph serves every layer shape, instead of one recompilation per layer
     # that would quickly exhaust dynamo's recompile limit (the window fill level is a mask).
     return torch.compile(cbn_window_forward, dynamic=True)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled if it is enabled; otherwise nothing (an autocast context costs microseconds
+    a layer, every step)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _FusedPath:
@@ -163,8 +175,7 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         conv = link.conv
         if conv.out_channels != self.num_features:
             raise ValueError(
-                f"CBN layer '{layer_name}' has {self.num_features} channels but its conv produces "
-                f"{conv.out_channels}"
+                f"CBN layer '{layer_name}' has {self.num_features} channels but its conv produces {conv.out_channels}"
             )
         self._geom = conv_geometry(conv)
         self._link = link
@@ -179,21 +190,25 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
             "dsq": torch.zeros(slots, *conv.weight.shape, **like),
         }
 
+    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
+        """BatchNorm in eval mode; in training, BatchNorm during burn-in, then the window step.
+
+        TorchDynamo (``train.compile``) does not trace the layer: its per-step counters and history
+        slot are Python ints that a graph would guard on, so every training step would recompile
+        the whole enclosing graph (minutes each) until dynamo's recompile limit. Run eagerly, the
+        layer breaks the graph once and keeps its own compiled path (``fused``).
+        """
         if not self.training:
             return super().forward(x)
+        return self._training_forward(x)
+
+    def _training_forward(self, x: Tensor) -> Tensor:
         conv_input = self._take_conv_input(x)
         self.num_steps += 1
         if self.num_steps <= self.burnin:
             return super().forward(x)
         return self._window_step(x, conv_input)
-
-    # TorchDynamo (``train.compile``) must not trace the layer: its per-step counters and history
-    # slot are Python ints that a graph would guard on, so every training step would recompile the
-    # whole enclosing graph (minutes each) until dynamo's recompile limit. Run eagerly, the layer
-    # breaks the graph once and keeps its own compiled path (``fused``). Wrapped here rather than
-    # decorated so that ``make mutate`` (which skips decorated functions) still mutates ``forward``.
-    forward = torch.compiler.disable(forward)
 
     def _take_conv_input(self, x: Tensor) -> Tensor | None:
         if not self.needs_producer:
@@ -208,42 +223,58 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         return conv_input
 
     def _window_step(self, x: Tensor, conv_input: Tensor | None) -> Tensor:
-        history = self._history_on(x.device, statistics_dtype(x.dtype))
-        valid = history["valid_rows"][self._count]  # a view: no kernel launch
-        stats = history["stats"]
-        taylor = None
-        if self.needs_producer:
-            taylor = TaylorInputs(
-                self._link.conv.weight.detach(), history["patch"], history["dsq"], stats[:, 2:], self._geom.groups,
-                history["scratch"],
-            )
-        running = (self.running_mean, self.running_var, self.momentum)
-        args = (x, self.weight, self.bias, self.eps, self.rho, stats[:, 0], stats[:, 1], valid, taylor, running, self._count)
-        if torch.is_autocast_enabled(x.device.type):
-            # Autocast would run the Taylor contraction (bmm) in bf16; statistics stay in the
-            # statistics dtype.
-            with torch.autocast(x.device.type, enabled=False):
-                res = self._run_window_forward(args, x.is_cuda)
-        else:
-            res = self._run_window_forward(args, x.is_cuda)
+        inputs = self._window_inputs(x)
+        # Autocast would run the Taylor contraction (bmm) in bf16; statistics stay in the statistics
+        # dtype.
+        with _autocast_off(x.device.type):
+            res = self._run_window_forward(inputs, x.is_cuda)
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             if self.window > 1:
                 self._push(res, x, conv_input)
-        self.last_window = WindowDiag(res.count, valid, res.keep, res.comp_mean, res.delta_mean)
+        self.last_window = WindowDiag(res.count, inputs.valid, res.keep, res.comp_mean, res.delta_mean)
         return res.out
 
-    def _run_window_forward(self, args: tuple, on_cuda: bool) -> WindowResult:
-        # The compiled graph does not take ``filled`` (the last argument): one graph for every fill
-        # level, which the valid mask expresses.
+    def _window_inputs(self, x: Tensor) -> WindowInputs:
+        """This step's inputs: the history on x's device in x's statistics dtype, masked to the
+        slots filled so far."""
+        history = self._history_on(x.device, statistics_dtype(x.dtype))
+        stats = history["stats"]
+        taylor = None
+        if self.needs_producer:
+            taylor = TaylorInputs(
+                w_now=self._link.conv.weight.detach(),
+                hist_patch=history["patch"],
+                hist_dsq=history["dsq"],
+                hist_offset=stats[:, 2:],
+                groups=self._geom.groups,
+                scratch=history["scratch"],
+            )
+        return WindowInputs(
+            y=x,
+            weight=self.weight,
+            bias=self.bias,
+            eps=self.eps,
+            rho=self.rho,
+            hist_mean=stats[:, 0],
+            hist_sq=stats[:, 1],
+            valid=history["valid_rows"][self._count],  # a view: no kernel launch
+            taylor=taylor,
+            running=RunningStats(self.running_mean, self.running_var, self.momentum),
+        )
+
+    def _run_window_forward(self, inputs: WindowInputs, on_cuda: bool) -> WindowResult:
+        """``cbn_window_forward`` through ``torch.compile`` (the fused path) or not, as ``fused`` says
+        (see the class docstring); which of its paths computes the step is chosen inside it. The
+        compiled graph is not given ``filled``: see ``WindowInputs``."""
         if self.fused == "on":
-            return _compiled_window_forward()(*args[:-1])
+            return _compiled_window_forward()(**inputs._asdict())
         if self.fused == "auto" and on_cuda and _FusedPath.usable:
             try:
-                return _compiled_window_forward()(*args[:-1])
+                return _compiled_window_forward()(**inputs._asdict())
             except Exception as err:  # noqa: BLE001 - any compiler failure; real errors recur below
                 _FusedPath.disable(err)
-        return cbn_window_forward(*args)
+        return cbn_window_forward(**inputs._asdict(), filled=self._count)
 
     def _push(self, res: WindowResult, y: Tensor, conv_input: Tensor | None) -> None:
         """Write this step's entry in place (``out=``): no copy of the weight, one kernel per field
@@ -266,8 +297,11 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
             sq_weight_grad(conv_input, y, self._geom, out=history["dsq"][slot], weight=conv.weight)
             if y.dtype != stats.dtype:
                 taylor_products(
-                    conv.weight.detach(), history["patch"][slot : slot + 1], history["dsq"][slot : slot + 1],
-                    self._geom.groups, out=stats[2:],
+                    conv.weight.detach(),
+                    history["patch"][slot : slot + 1],
+                    history["dsq"][slot : slot + 1],
+                    self._geom.groups,
+                    out=stats[2:],
                 )
             elif conv.bias is None:
                 stats[2].copy_(stats[0])
@@ -325,6 +359,14 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         named.update((k, v) for k, v in self._history.items() if k != "stats")
         return named
 
+    _version = 3
+    """The layout of the state this layer saves. torch records it per layer in the state dict's
+    metadata and :meth:`_load_from_state_dict` converts older ones. 3: the history holds, per slot,
+    the rows of :data:`STAT_ROWS`, ``patch`` and ``dsq``. 2, or none recorded: BatchNorm's version,
+    which CBN carried before it had its own; such a history is either version 3's or, saved before
+    the weight copies were dropped, one with ``weight`` (a copy of the conv weight per slot) where
+    version 3 has ``wpatch`` and ``wdsq``."""
+
     def get_extra_state(self) -> dict:
         return {
             "num_steps": self.num_steps,
@@ -334,9 +376,7 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         }
 
     def set_extra_state(self, state: dict) -> None:
-        saved = dict(state["history"])
-        if "weight" in saved:
-            saved = self._convert_weight_copies(saved)
+        saved = state["history"]
         expected = self._named_history()
         mismatch = set(saved) != set(expected) or any(saved[k].shape != v.shape for k, v in expected.items())
         if mismatch:
@@ -354,6 +394,28 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         history.update((k, saved[k].to(device, copy=True)) for k in self._history if k != "stats")
         self._history = history
         self.num_steps, self._count, self._next = state["num_steps"], state["count"], state["next"]
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Convert a history saved under an older :attr:`_version` to this version's layout, then
+        load as torch does (BatchNorm converts its own older buffers the same way)."""
+        key = prefix + "_extra_state"
+        version = local_metadata.get("version")
+        if (version is None or version < 3) and key in state_dict and "weight" in state_dict[key]["history"]:
+            # Version 2 does not say which of its two layouts a history has: the weight copies do.
+            old = state_dict[key]
+            state_dict[key] = {**old, "history": self._convert_weight_copies(dict(old["history"]))}
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _convert_weight_copies(self, saved: dict[str, Tensor]) -> dict[str, Tensor]:
         """A history saved before the weight copies were dropped (fields mean, sq, patch, dsq and

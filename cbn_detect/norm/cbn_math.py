@@ -65,6 +65,52 @@ class WindowResult(NamedTuple):
     delta_mean: Tensor  # (S, C) the Taylor term added to the stored means (already times rho)
 
 
+class RunningStats(NamedTuple):
+    """BatchNorm's running buffers (in the model's dtype), updated in place with the current batch."""
+
+    mean: Tensor
+    var: Tensor
+    momentum: float
+
+
+class WindowInputs(NamedTuple):
+    """One training step's inputs, named: the fields are ``cbn_window_forward``'s parameters, so the
+    layer passes them by name, through ``torch.compile`` or not.
+
+    ``filled`` (the number of valid slots) is not one of them: it is a hint known on the host that
+    only the CPU fast path reads, and the compiled graph must not take it (an int would be a guard,
+    one graph per fill level; ``valid`` expresses the fill level as data instead)."""
+
+    y: Tensor  # (N, C, H, W) the norm's input, the output of the producing conv
+    weight: Tensor  # (C,) the norm's affine weight
+    bias: Tensor  # (C,) the norm's affine bias
+    eps: float
+    rho: float  # the Taylor term's factor: 1 compensates fully, 0 is naive CBN
+    hist_mean: Tensor  # (S, C) the stored means
+    hist_sq: Tensor  # (S, C) the stored E[y^2]
+    valid: Tensor  # (S,) bool, the slots that hold data
+    taylor: TaylorInputs | None  # None: the stored statistics are used as stored
+    running: RunningStats | None = None
+
+
+class _Compensated(NamedTuple):
+    """The stored statistics moved to the current conv weight."""
+
+    mean: Tensor  # (S, C)
+    sq: Tensor  # (S, C)
+    delta_mean: Tensor  # (S, C) the Taylor term added to the means (already times rho)
+
+
+class _Moments(NamedTuple):
+    """The window's statistics: what normalizes, and what is reported."""
+
+    mean: Tensor  # (C,)
+    var: Tensor  # (C,)
+    count: Tensor  # (C,) entries averaged per channel, current batch included
+    keep: Tensor  # (S, C) bool, the stored entries averaged
+    shared_by: Tensor | float  # ``count`` as the backward divides by it: one number if equal for all
+
+
 def conv_geometry(conv: nn.Conv2d) -> ConvGeometry:
     """Resolve the conv's padding to explicit numbers; reject what the derivatives cannot express.
 
@@ -92,9 +138,7 @@ def conv_geometry(conv: nn.Conv2d) -> ConvGeometry:
     )
 
 
-def mean_input_patch(
-    x: Tensor, geom: ConvGeometry, out_hw: tuple[int, int], out: Tensor | None = None
-) -> Tensor:
+def mean_input_patch(x: Tensor, geom: ConvGeometry, out_hw: tuple[int, int], out: Tensor | None = None) -> Tensor:
     """d mean(y_c) / d w_c: the conv's input patch averaged over batch and output positions.
 
     The patch seen at kernel offset (i, j) over all outputs is a strided crop of the zero-padded
@@ -151,7 +195,16 @@ def sq_weight_grad(
     if weight is None or weight.dtype != y.dtype:
         weight = y.new_empty(geom.weight_shape)  # contiguous: a stride-0 one is slower still
     grad = torch.ops.aten.convolution_backward(
-        y, x, weight.detach(), None, geom.stride, geom.padding, geom.dilation, False, [0], geom.groups,
+        y,
+        x,
+        weight.detach(),
+        None,
+        geom.stride,
+        geom.padding,
+        geom.dilation,
+        False,
+        [0],
+        geom.groups,
         (False, True, False),
     )[1]
     if out is None:
@@ -161,9 +214,7 @@ def sq_weight_grad(
     return out.copy_(grad).mul_(after)  # scaled in the statistics dtype, not rounded again in fp16/bf16
 
 
-def taylor_products(
-    w: Tensor, hist_patch: Tensor, hist_dsq: Tensor, groups: int, out: Tensor | None = None
-) -> Tensor:
+def taylor_products(w: Tensor, hist_patch: Tensor, hist_dsq: Tensor, groups: int, out: Tensor | None = None) -> Tensor:
     """``W . patch_s`` and ``W . dsq_s`` for every stored slot s and channel, as an (S, 2, C) view
     of ``out`` (contiguous (2, C, S); allocated if None; for one slot, an entry's (2, C) offsets).
 
@@ -185,20 +236,17 @@ def taylor_products(
     return out.permute(2, 0, 1)
 
 
-def update_running_stats(
-    running_mean: Tensor, running_var: Tensor, momentum: float, cur_mean: Tensor, cur_var: Tensor, m: int
-) -> None:
-    """BatchNorm's EMA of the current batch alone, with the unbiased variance. The buffers keep
-    their own dtype (the model's): a bf16/fp16 model's fp32 statistics are rounded into them."""
-    dtype = running_mean.dtype
-    running_mean.lerp_(cur_mean.detach().to(dtype), momentum)
-    running_var.lerp_((cur_var.detach() * (m / max(m - 1, 1))).to(dtype), momentum)
+def update_running_stats(running: RunningStats, cur_mean: Tensor, cur_var: Tensor, m: int) -> None:
+    """BatchNorm's EMA of the current batch alone, with the unbiased variance (``m`` values per
+    channel; one value gives factor 1, not 1/0). The buffers keep their own dtype (the model's): a
+    bf16/fp16 model's fp32 statistics are rounded into them."""
+    dtype = running.mean.dtype
+    running.mean.lerp_(cur_mean.detach().to(dtype), running.momentum)
+    running.var.lerp_((cur_var.detach() * (m / max(m - 1, 1))).to(dtype), running.momentum)
 
 
-def window_moments(
-    cur_mean: Tensor, cur_var: Tensor, comp_mean: Tensor, comp_sq: Tensor, valid: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(mean, var, count, keep) of the union of the current batch and the kept stored entries.
+def _masked_moments(cur_mean: Tensor, cur_var: Tensor, comp: _Compensated, valid: Tensor) -> _Moments:
+    """The moments of the union of the current batch and the kept stored entries, masked per channel.
 
     The variance of the union is formed as the mean over kept entries of ``var_s + (mean_s - mean)^2``,
     which equals ``E[y^2] - mean^2`` of the averaged moments exactly but does not cancel
@@ -206,29 +254,30 @@ def window_moments(
     always kept: its variance is non-negative by construction, so only round-off could flag it,
     and dropping it would leave a channel with nothing to average.
     """
-    comp_var = torch.addcmul(comp_sq, comp_mean, comp_mean, value=-1.0)
+    comp_var = torch.addcmul(comp.sq, comp.mean, comp.mean, value=-1.0)
     keep = (comp_var >= 0) & valid[:, None]
     count = keep.sum(0, dtype=cur_mean.dtype) + 1.0
     # where(), not a multiply by the mask: an empty or diverged slot may hold inf/NaN. Masked before
-    # it meets ``mean`` too: where()'s zero gradient times an infinite (comp_mean - mean) would
+    # it meets ``mean`` too: where()'s zero gradient times an infinite (comp.mean - mean) would
     # still be NaN in the input gradient.
-    kept_mean = torch.where(keep, comp_mean, 0.0)
+    kept_mean = torch.where(keep, comp.mean, 0.0)
     mean = (cur_mean + kept_mean.sum(0)) / count
     spread = cur_var + (cur_mean - mean).square()
     var = (spread + torch.where(keep, comp_var + (kept_mean - mean).square(), 0.0).sum(0)) / count
-    return mean, var, count, keep
+    return _Moments(mean, var, count, keep, count)
 
 
-def _window_moments_all_kept(
-    cur_mean: Tensor, cur_var: Tensor, comp_mean: Tensor, comp_sq: Tensor, filled: int
-) -> tuple[Tensor, Tensor, float] | None:
-    """``window_moments`` when the first ``filled`` slots are the valid ones and the host may look
-    at the data (eager, CPU: no device to wait for): (mean, var, count) if every filled entry passes
-    the variance check (the usual case), with a scalar count and slices instead of masks (a third
-    of the small ops); None if one does not (or is not finite), for the masked form to decide."""
+def _moments_all_kept(
+    cur_mean: Tensor, cur_var: Tensor, comp: _Compensated, valid: Tensor, filled: int
+) -> _Moments | None:
+    """``_masked_moments`` when the first ``filled`` slots are the valid ones and every one passes the
+    variance check (the usual case), by slicing instead of masks and with one count for all channels
+    (a third of the small ops); None if an entry fails the check (or is not finite), for the masked
+    form to decide per channel. The check reads the data on the host: free on CPU only."""
+    keep = valid[:, None].expand(comp.mean.shape)
     if filled == 0:
-        return cur_mean, cur_var, 1.0
-    cm, cs = comp_mean[:filled], comp_sq[:filled]
+        return _Moments(cur_mean, cur_var, torch.full_like(cur_mean, 1.0), keep, 1.0)
+    cm, cs = comp.mean[:filled], comp.sq[:filled]
     comp_var = torch.addcmul(cs, cm, cm, value=-1.0)
     if not bool((comp_var >= 0).all()):
         return None
@@ -237,7 +286,7 @@ def _window_moments_all_kept(
     dev, cur_dev = cm - mean, cur_mean - mean
     spread = torch.addcmul(comp_var, dev, dev).sum(0)
     var = torch.addcmul(cur_var, cur_dev, cur_dev).add_(spread).div_(count)
-    return mean, var, count
+    return _Moments(mean, var, torch.full_like(cur_mean, count), keep, count)
 
 
 class _NormalizeWithWindow(torch.autograd.Function):
@@ -269,7 +318,15 @@ class _NormalizeWithWindow(torch.autograd.Function):
         share = count.reciprocal() if isinstance(count, Tensor) else 1.0 / count
         need_y, need_w, need_b = ctx.needs_input_grad[:3]
         grad_y, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_out, y, weight if alone else weight * share, None, None, mean, invstd, True, ctx.eps,
+            grad_out,
+            y,
+            weight if alone else weight * share,
+            None,
+            None,
+            mean,
+            invstd,
+            True,
+            ctx.eps,
             [need_y, need_w, need_b],
         )
         if need_y and not alone:
@@ -300,60 +357,120 @@ def cbn_window_forward(
     window fill level. ``running`` (running_mean, running_var, momentum), if given, is updated in
     place with the current batch alone, as BatchNorm does (``update_running_stats``). ``filled``,
     if given, is the number of valid slots (they are always the first ones), known on the host.
+    The parameters are the fields of ``WindowInputs``, plus ``filled``.
 
-    Two implementations of the full-size work, the same numbers: eager, the batch statistics (and
-    the running-statistics update) and the normalization are native BatchNorm kernels, with the
-    gradient of ``_NormalizeWithWindow`` (fewest passes over y and fewest small ops; on CPU, with
-    ``filled`` given, the window is combined by slicing when no entry is dropped); under
-    ``torch.compile`` (the fused path), plain differentiable ops that the compiler fuses itself.
+    This is the one place that chooses among three paths that compute the same numbers:
+
+    * ``_compiled_path`` while ``torch.compile`` traces this function (the layer's fused path):
+      plain differentiable ops that the compiler fuses itself. The choice is made at trace time,
+      so the graph holds that path alone.
+    * ``_cpu_fast_path`` eagerly on CPU with ``filled`` given: reading the data on the host costs
+      no device synchronisation there, so the window is combined by slicing when no entry is
+      dropped.
+    * ``_eager_path`` otherwise (eager on CUDA, or ``filled`` unknown): native BatchNorm kernels
+      and the masked combination, which never makes the host wait for the device.
     """
+    running = None if running is None else RunningStats(*running)
+    inputs = WindowInputs(y, weight, bias, eps, rho, hist_mean, hist_sq, valid, taylor, running)
+    if torch.compiler.is_compiling():
+        return _compiled_path(inputs)
+    if filled is not None and y.device.type == "cpu":
+        return _cpu_fast_path(inputs, filled)
+    return _eager_path(inputs)
+
+
+def _compiled_path(inputs: WindowInputs) -> WindowResult:
+    """The ops ``torch.compile`` traces: plain differentiable ones (no custom autograd function, no
+    ``no_grad`` region, no scratch buffer kept between steps), which inductor fuses, gradients
+    included, into a few kernels of its own."""
+    yf = _in_statistics_dtype(inputs.y)
+    cur_var, cur_mean = torch.var_mean(yf, dim=(0, 2, 3), correction=0)
+    if inputs.running is not None:
+        update_running_stats(inputs.running, cur_mean, cur_var, _values_per_channel(inputs.y))
+    comp = _compensated_history(inputs, use_scratch=False)
+    moments = _masked_moments(cur_mean, cur_var, comp, inputs.valid)
+    scale = inputs.weight * torch.rsqrt(moments.var + inputs.eps)
+    shift = inputs.bias - moments.mean * scale
+    out = yf * scale[None, :, None, None] + shift[None, :, None, None]
+    return _window_result(inputs.y, out, cur_mean.detach(), cur_var.detach(), comp, moments)
+
+
+def _eager_path(inputs: WindowInputs) -> WindowResult:
+    """Native BatchNorm kernels for the full-size work (the fewest passes over y) and the masked
+    combination of the window, whose small ops never wait for the device."""
+    yf, cur_mean, cur_var = _native_batch_statistics(inputs)
+    comp = _compensated_history(inputs, use_scratch=True)
+    moments = _masked_moments(cur_mean, cur_var, comp, inputs.valid)
+    return _window_result(inputs.y, _native_normalize(inputs, yf, moments), cur_mean, cur_var, comp, moments)
+
+
+def _cpu_fast_path(inputs: WindowInputs, filled: int) -> WindowResult:
+    """``_eager_path`` with the window combined by slicing the ``filled`` first slots when every
+    one is kept (the usual case, a third of the small ops); when one is dropped, the masked
+    combination decides per channel as on the eager path."""
+    yf, cur_mean, cur_var = _native_batch_statistics(inputs)
+    comp = _compensated_history(inputs, use_scratch=True)
+    moments = _moments_all_kept(cur_mean, cur_var, comp, inputs.valid, filled)
+    if moments is None:
+        moments = _masked_moments(cur_mean, cur_var, comp, inputs.valid)
+    return _window_result(inputs.y, _native_normalize(inputs, yf, moments), cur_mean, cur_var, comp, moments)
+
+
+def _in_statistics_dtype(y: Tensor) -> Tensor:
     sdtype = statistics_dtype(y.dtype)
-    compiling = torch.compiler.is_compiling()
-    yf = y if y.dtype == sdtype else y.to(sdtype)
-    if compiling:
-        cur_var, cur_mean = torch.var_mean(yf, dim=(0, 2, 3), correction=0)
+    return y if y.dtype == sdtype else y.to(sdtype)
+
+
+def _values_per_channel(y: Tensor) -> int:
+    return y.numel() // y.shape[1]
+
+
+def _native_batch_statistics(inputs: WindowInputs) -> tuple[Tensor, Tensor, Tensor]:
+    """y in the statistics dtype, and its batch mean and biased variance by BatchNorm's own kernel.
+
+    Without gradient: ``_NormalizeWithWindow``'s backward accounts for it. The same kernel updates
+    the running buffers when they are in the statistics dtype and a channel has more than one
+    value (its unbiased factor would divide by zero there); otherwise they are updated apart.
+    """
+    yf = _in_statistics_dtype(inputs.y)
+    running, m = inputs.running, _values_per_channel(yf)
+    with torch.no_grad():
+        if running is not None and running.mean.dtype == running.var.dtype == yf.dtype and m > 1:
+            cur_mean, cur_var = torch.batch_norm_update_stats(yf, running.mean, running.var, running.momentum)
+            return yf, cur_mean, cur_var
+        cur_mean, cur_var = torch.batch_norm_update_stats(yf, None, None, 0.0)
         if running is not None:
-            update_running_stats(*running, cur_mean, cur_var, y.numel() // y.shape[1])
-    else:
-        fused_update = (
-            running is not None and running[0].dtype == running[1].dtype == sdtype and y.numel() > y.shape[1]
-        )
-        with torch.no_grad():
-            if fused_update:  # the kernel that computes the statistics also updates the buffers
-                cur_mean, cur_var = torch.batch_norm_update_stats(yf, running[0], running[1], running[2])
-            else:
-                cur_mean, cur_var = torch.batch_norm_update_stats(yf, None, None, 0.0)
-                if running is not None:
-                    update_running_stats(*running, cur_mean, cur_var, y.numel() // y.shape[1])
+            update_running_stats(running, cur_mean, cur_var, m)
+    return yf, cur_mean, cur_var
+
+
+def _compensated_history(inputs: WindowInputs, use_scratch: bool) -> _Compensated:
+    """The stored statistics plus rho times their Taylor term (see the module docstring), or as
+    stored without Taylor inputs (naive CBN). ``use_scratch``: the contraction writes into the
+    Taylor inputs' buffer (eager, no allocation a step); a traced graph allocates its own."""
+    taylor = inputs.taylor
     if taylor is None:
-        delta_mean = torch.zeros_like(hist_mean)
-        comp_mean, comp_sq = hist_mean, hist_sq
-    else:
-        scratch = None if compiling else taylor.scratch
-        now = taylor_products(taylor.w_now, taylor.hist_patch, taylor.hist_dsq, taylor.groups, out=scratch)
-        delta = now - taylor.hist_offset  # (S, 2, C)
-        delta_mean = delta[:, 0] if rho == 1.0 else delta[:, 0] * rho
-        comp_mean = hist_mean + delta_mean
-        comp_sq = torch.add(hist_sq, delta[:, 1], alpha=rho)
-    if compiling:
-        mean, var, count, keep = window_moments(cur_mean, cur_var, comp_mean, comp_sq, valid)
-        scale = weight * torch.rsqrt(var + eps)
-        shift = bias - mean * scale
-        out = yf * scale[None, :, None, None] + shift[None, :, None, None]
-        cur_mean, cur_var = cur_mean.detach(), cur_var.detach()
-    else:
-        fast = None
-        if filled is not None and y.device.type == "cpu":
-            fast = _window_moments_all_kept(cur_mean, cur_var, comp_mean, comp_sq, filled)
-        if fast is None:
-            mean, var, count, keep = window_moments(cur_mean, cur_var, comp_mean, comp_sq, valid)
-            norm_count = count
-        else:
-            mean, var, norm_count = fast
-            count = torch.full_like(cur_mean, norm_count)
-            keep = valid[:, None].expand(comp_mean.shape)
-        w, b = (weight, bias) if weight.dtype == sdtype else (weight.to(sdtype), bias.to(sdtype))
-        out = _NormalizeWithWindow.apply(yf, w, b, mean, var, norm_count, eps)
+        return _Compensated(inputs.hist_mean, inputs.hist_sq, torch.zeros_like(inputs.hist_mean))
+    scratch = taylor.scratch if use_scratch else None
+    now = taylor_products(taylor.w_now, taylor.hist_patch, taylor.hist_dsq, taylor.groups, out=scratch)
+    delta = now - taylor.hist_offset  # (S, 2, C)
+    delta_mean = delta[:, 0] if inputs.rho == 1.0 else delta[:, 0] * inputs.rho
+    comp_mean = inputs.hist_mean + delta_mean
+    return _Compensated(comp_mean, torch.add(inputs.hist_sq, delta[:, 1], alpha=inputs.rho), delta_mean)
+
+
+def _native_normalize(inputs: WindowInputs, yf: Tensor, moments: _Moments) -> Tensor:
+    """``_NormalizeWithWindow`` of y in the statistics dtype, the affine parameters cast to it."""
+    weight, bias = inputs.weight, inputs.bias
+    if weight.dtype != yf.dtype:
+        weight, bias = weight.to(yf.dtype), bias.to(yf.dtype)
+    mean, var = moments.mean, moments.var
+    return _NormalizeWithWindow.apply(yf, weight, bias, mean, var, moments.shared_by, inputs.eps)
+
+
+def _window_result(
+    y: Tensor, out: Tensor, cur_mean: Tensor, cur_var: Tensor, comp: _Compensated, moments: _Moments
+) -> WindowResult:
     if out.dtype != y.dtype:
         out = out.to(y.dtype)
-    return WindowResult(out, cur_mean, cur_var, count, keep, comp_mean, delta_mean)
+    return WindowResult(out, cur_mean, cur_var, moments.count, moments.keep, comp.mean, comp.delta_mean)
