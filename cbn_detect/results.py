@@ -8,6 +8,9 @@ are left out of the file rather than written as null; a number that is not finit
 of fewer than two losses, the mAP of a diverged run) is written as null, as in ``metrics.jsonl``, so
 the file is strict JSON. A file that cannot be read (cut short, edited by hand) is an
 :class:`UnreadableResults` naming it, never a bare JSON error.
+
+The file records its layout's version (``schema_version``); :func:`read_results` converts an older
+layout in one place (:func:`current_layout`) and refuses a newer one (:class:`NewerResults`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 SCHEMA_VERSION = 1
+"""The layout :func:`write_results` writes. A field added or left out needs no new version
+(readers take a missing field as None, an unknown one into ``extra``); a field renamed, or one
+whose meaning changes, takes the next number and a conversion in :func:`current_layout`."""
+UNVERSIONED = 0
+"""The version of a file without ``schema_version``: written before the layout had a version. Its
+fields are those of version 1 (numbers that are not finite were written as NaN, which still reads)."""
 
 STATUSES = ("completed", "failed", "diverged", "interrupted", "skipped")
 
@@ -33,6 +42,11 @@ STATUSES = ("completed", "failed", "diverged", "interrupted", "skipped")
 class UnreadableResults(ReportedError):
     """A ``results.json`` that is not a JSON object (cut short by a full disk or a copy, edited by
     hand); the message names the file. Its job counts as not completed."""
+
+
+class NewerResults(UnreadableResults):
+    """A ``results.json`` of a layout newer than this code knows; the message names the file and
+    both versions. Unreadable like any other: read as a known layout, its numbers could be misread."""
 
 
 @dataclass
@@ -104,16 +118,30 @@ class Results:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name != "extra"]
         values = dict.fromkeys(required) | {k: v for k, v in raw.items() if k in known}
-        values.setdefault("schema_version", 0)  # written before the schema had a version
+        values.setdefault("schema_version", UNVERSIONED)
         return cls(**values, extra={k: v for k, v in raw.items() if k not in known})
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Results) if f.name != "extra")
 
 
+def current_layout(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The content of ``path`` in the layout of :data:`SCHEMA_VERSION`. Versions 0 and 1 have the
+    same fields, so nothing is converted yet: the next version's conversion goes here, keyed by the
+    version the file records. A version this code does not know (a newer one) is a
+    :class:`NewerResults`."""
+    version = raw.get("schema_version", UNVERSIONED)
+    if not isinstance(version, int) or not UNVERSIONED <= version <= SCHEMA_VERSION:
+        raise NewerResults(
+            f"{path} has schema_version {version!r}, which this cbn_detect does not know (it reads versions "
+            f"{UNVERSIONED} to {SCHEMA_VERSION}): read it with the cbn_detect that wrote it"
+        )
+    return raw
+
+
 def read_results(run_dir: Path) -> Results | None:
     """The run's results, or None when it wrote none yet; :class:`UnreadableResults` when the file
-    is there but is not a JSON object. (NaN, written by earlier versions, still reads.)"""
+    is there but is not a JSON object, or is of a newer layout (:class:`NewerResults`)."""
     path = Path(run_dir) / RESULTS_FILE
     if not path.exists():
         return None
@@ -121,7 +149,7 @@ def read_results(run_dir: Path) -> Results | None:
         raw = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(raw, dict):
             raise ValueError(f"it holds a JSON {type(raw).__name__}, not an object")
-        return Results.from_dict(raw)
+        return Results.from_dict(current_layout(raw, path))
     except (OSError, ValueError, TypeError) as err:
         raise UnreadableResults(f"{path} cannot be read ({type(err).__name__}: {err})") from err
 

@@ -1,7 +1,10 @@
 """Checkpoints hold everything a run needs to continue bit for bit: weights (norm state and CBN
 history included), optimizer, schedule, fp16 loss scale, progress inside the epoch and every RNG,
 plus the run's composed config (``config``), so that a checkpoint copied out of its run folder can
-still be evaluated on its own. Written atomically.
+still be evaluated on its own. Written atomically, with the layout's version (``format``): a
+checkpoint of an older layout is converted on reading by :func:`current_layout`, the one place that
+knows the old layouts, and one of a newer layout is refused. The modules inside ``model`` version
+their own state the way torch does (``_version``, converted in their ``_load_from_state_dict``).
 
 Reading one for anything but a resume goes through :func:`read_checkpoint` (a truncated file is
 named as such), and :func:`compare_state_dicts` says why saved weights do not fit a model: another
@@ -47,6 +50,32 @@ class TrainState:
     nonfinite_consecutive: int = 0
 
 
+FORMAT = 2
+"""The payload layout :func:`save_checkpoint` writes, stored in it as ``format``. Any change to its
+keys or to what they hold takes the next number and a conversion from the previous layout in
+:func:`current_layout`, so that readers index every key without asking whether it is there."""
+
+UNVERSIONED = 1
+"""The format of a checkpoint without ``format``: written before the payload recorded its layout."""
+
+
+def current_layout(payload: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``payload`` in the layout of :data:`FORMAT`, converted step by step from the format it
+    records. Format 1 holds ``scaler`` only since mixed precision (before, every run was fp32: an
+    empty scaler state) and ``config`` only since checkpoints carry the run's config. A format
+    this code does not know (a newer one) is a :class:`CheckpointError` naming the file and both
+    formats: reading it as a known one would misread whatever changed."""
+    version = payload.get("format", UNVERSIONED)
+    if not isinstance(version, int) or not UNVERSIONED <= version <= FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} is format {version!r}, which this cbn_detect does not know (it reads formats "
+            f"{UNVERSIONED} to {FORMAT}): read it with the cbn_detect that wrote it, or move it away to start over"
+        )
+    if version < 2:
+        payload = {"scaler": {}, "config": None, **payload}
+    return {**payload, "format": FORMAT}
+
+
 def save_checkpoint(
     path: Path,
     model: nn.Module,
@@ -57,18 +86,19 @@ def save_checkpoint(
     config: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the checkpoint atomically. ``config``: the run's composed config as plain containers
-    (what ``<run_dir>/.hydra/config.yaml`` holds, interpolations kept), stored as ``config`` so that
-    ``cbn_detect.evaluate`` can rebuild the model from the checkpoint file alone; resuming ignores it."""
+    (what ``<run_dir>/.hydra/config.yaml`` holds, interpolations kept), stored as ``config`` (None
+    without one) so that ``cbn_detect.evaluate`` can rebuild the model from the checkpoint file
+    alone; resuming ignores it."""
     payload: dict[str, Any] = {
+        "format": FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": precision.state_dict(),
         "state": asdict(state),
         "rng": rng_state(),
+        "config": None if config is None else dict(config),
     }
-    if config is not None:
-        payload["config"] = dict(config)
     io.save_torch(path, payload)
 
 
@@ -81,15 +111,17 @@ def load_checkpoint(
 ) -> TrainState:
     """Restore in place and return the saved progress. A checkpoint that cannot be read is a
     :class:`CheckpointError` naming it and the way to start over: silently starting over would
-    discard the run's work."""
+    discard the run's work. So is one of a newer format (see :func:`current_layout`)."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = current_layout(torch.load(path, map_location="cpu", weights_only=False), path)
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         precision.load_state_dict(payload["scaler"])
         set_rng_state(payload["rng"])
         state = TrainState(**payload["state"])
+    except CheckpointError:
+        raise  # a format this code does not know, already said in one line
     except Exception as err:  # torch raises several types for truncated, foreign or mismatched files
         raise CheckpointError(
             f"cannot resume from checkpoint {path} ({_first_sentence(err)}); move it away, or rerun with "
@@ -114,8 +146,9 @@ ZIP_MAGIC = b"PK\x03\x04"
 
 
 def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
-    """The payload :func:`save_checkpoint` wrote, on the CPU; ``mmap`` maps the tensors instead of
-    reading them (a cheap look at the config or progress of a large checkpoint).
+    """The payload :func:`save_checkpoint` wrote, on the CPU, in the current layout (see
+    :func:`current_layout`); ``mmap`` maps the tensors instead of reading them (a cheap look at the
+    config or progress of a large checkpoint).
 
     A file torch cannot read is a :class:`CheckpointError` naming it in one line: "corrupt or
     truncated" for an empty file or a damaged zip archive (a copy cut short or a full disk leaves
@@ -139,7 +172,7 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a checkpoint torch can read ({_first_sentence(err)})") from err
     if not isinstance(payload, dict) or "model" not in payload:
         raise CheckpointError(f"{path} is not a cbn_detect checkpoint (no 'model' weights in it)")
-    return payload
+    return current_layout(payload, path)
 
 
 NORM_KINDS: dict[str, str] = {
@@ -184,7 +217,7 @@ def norm_layers(state: Mapping[str, Any]) -> dict[str, str]:
 
 
 def detector_family(state: Mapping[str, Any]) -> str | None:
-    """"RetinaNet", "SSD" or None (neither head found), from the keys of a detector's state dict."""
+    """ "RetinaNet", "SSD" or None (neither head found), from the keys of a detector's state dict."""
     for prefix, family in DETECTOR_HEADS.items():
         if any(key.startswith(prefix) for key in state):
             return family
@@ -230,7 +263,8 @@ class StateDictDiff:
     def logits_resized(self) -> dict[str, tuple[Shape, Shape]]:
         """Resized class-score keys whose sizes differ in the first (output) dimension only."""
         return {
-            k: (saved, ours) for k, (saved, ours) in self.resized.items()
+            k: (saved, ours)
+            for k, (saved, ours) in self.resized.items()
             if CLASSIFICATION in k and len(saved) == len(ours) and saved[1:] == ours[1:]
         }
 
@@ -295,7 +329,9 @@ def compare_state_dicts(saved: Mapping[str, Any], model: Mapping[str, Any]) -> S
     resized = {
         k: (_shape(saved[k]), _shape(model[k]))
         for k in model
-        if k in saved and _shape(model[k]) is not None and _shape(saved[k]) is not None
+        if k in saved
+        and _shape(model[k]) is not None
+        and _shape(saved[k]) is not None
         and _shape(saved[k]) != _shape(model[k])
     }
     return StateDictDiff(
