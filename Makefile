@@ -1,6 +1,7 @@
 # `make demo` runs the demo study on the built-in synthetic dataset; `make test` runs the tests;
+# `make lint` checks the code with ruff (CI runs it before the tests);
 # `make mutate` runs mutation testing of the numerical core (slow; not part of CI).
-# Both create .venv from requirements.txt when it is missing or out of date.
+# Each creates .venv from requirements.txt when it is missing or out of date.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ STUDY_DIR := multirun/study/$(shell date +%Y-%m-%d_%H-%M-%S)
 endif
 DEMO_ARGS ?= norm=bn,syncbn,cbn data.batch=4,8,16 processes=2 threads=1 eval.fps_images=50 hydra.sweep.dir=$(DEMO_DIR)
 
-.PHONY: demo study test mutate venv clean
+.PHONY: demo study test lint format mutate venv clean
 
 venv: $(STAMP)
 
@@ -37,6 +38,15 @@ study: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff's lint rules and formatter (pyproject.toml [tool.ruff]); `make format` rewrites the files.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # mutmut over each module of tools/mutate.py's MODULES against the fast tests listed for it, one
 # module at a time; prints the surviving mutants and a summary (.cache/mutate/summary.md).

@@ -197,7 +197,9 @@ def launch_job(
         interrupts = {code for code in codes if code - 128 in _STOP_SIGNALS}
         if interrupts == codes:  # the processes stopped on a signal, checkpointed (one of them sent it on)
             signum = min(interrupts) - 128
-            log.warning("the job's processes stopped on %s; rerun the same command to resume", signal.Signals(signum).name)
+            log.warning(
+                "the job's processes stopped on %s; rerun the same command to resume", signal.Signals(signum).name
+            )
             if not _results_written_since(run_dir, start):
                 record_ending(cfg, run_dir, str(err), status="interrupted", world_size=count)
             return Outcome("interrupted", exit_code=128 + signum)

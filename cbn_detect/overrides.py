@@ -89,11 +89,7 @@ def closest(word: str, candidates: Iterable[str]) -> list[str]:
 
 def _children(prefix: str, known: set[str]) -> set[str]:
     depth = prefix.count(".") + 1 if prefix else 0
-    return {
-        k.split(".")[depth]
-        for k in known
-        if k.count(".") >= depth and (not prefix or k.startswith(prefix + "."))
-    }
+    return {k.split(".")[depth] for k in known if k.count(".") >= depth and (not prefix or k.startswith(prefix + "."))}
 
 
 def suggest_key(key: str, known_keys: Iterable[str]) -> str | None:

@@ -1,6 +1,6 @@
 """Small-sample statistics for the sweep report: a handful of seeds per cell, so intervals use Student's t.
 
-Pure functions on plain numbers (numpy and ``math`` only); ``report.py`` reads runs and draws, this
+Pure functions on plain numbers (numpy and ``math`` only); ``report/`` reads runs and draws, this
 module decides what a mean, a spread and an interval are.
 
 The Student-t quantile is implemented here instead of taken from scipy: scipy is not a dependency

@@ -154,12 +154,9 @@ def resolve_voc_dir(path: Path) -> Path:
         log.info("%s is a VOCdevkit folder: scoring its %s", path, years[0])
         return path / years[0]
     if years:
-        raise ValueError(
-            f"{path} holds {', '.join(years)}: say which to score, e.g. --voc-dir {path / years[0]}"
-        )
+        raise ValueError(f"{path} holds {', '.join(years)}: say which to score, e.g. --voc-dir {path / years[0]}")
     raise FileNotFoundError(
-        f"{path}: neither a VOC<year> folder (no Annotations/ or ImageSets/Main/) nor a VOCdevkit folder "
-        "holding one"
+        f"{path}: neither a VOC<year> folder (no Annotations/ or ImageSets/Main/) nor a VOCdevkit folder holding one"
     )
 
 

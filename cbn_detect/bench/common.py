@@ -65,9 +65,7 @@ class Variant:
         return sum(p.numel() for p in self.model.parameters()) / 1e6
 
 
-def timed_train_step(
-    v: Variant, loss: Callable[[nn.Module], Tensor], device: torch.device, bf16: bool
-) -> float:
+def timed_train_step(v: Variant, loss: Callable[[nn.Module], Tensor], device: torch.device, bf16: bool) -> float:
     """One training step's time (ms): zero the gradients, ``loss(model)`` (under bf16 autocast
     when asked), backward, optimizer update."""
 

@@ -54,9 +54,7 @@ def synthetic_problem(
         src = rng.integers(0, n_obj, size=n_near)
         size = np.tile(gt_boxes[src, 2:] - gt_boxes[src, :2], 2)  # (w, h, w, h)
         near = gt_boxes[src] + rng.normal(0, 0.12, size=(n_near, 4)) * size
-        near_labels = np.where(
-            rng.random(n_near) < 0.85, gt_labels[src], rng.integers(1, n_classes + 1, n_near)
-        )
+        near_labels = np.where(rng.random(n_near) < 0.85, gt_labels[src], rng.integers(1, n_classes + 1, n_near))
         n_far = dets_per_image - n_near
         far_xy = rng.uniform(0, [width, height], size=(n_far, 2))
         far = np.concatenate([far_xy, far_xy + rng.uniform(10, 200, size=(n_far, 2))], axis=1)
@@ -101,9 +99,11 @@ def loop_evaluate_voc(
                 iw = min(bb[2], bbgt[2]) - max(bb[0], bbgt[0]) + 1
                 ih = min(bb[3], bbgt[3]) - max(bb[1], bbgt[1]) + 1
                 if iw > 0 and ih > 0:
-                    ua = (bb[2] - bb[0] + 1) * (bb[3] - bb[1] + 1) + (bbgt[2] - bbgt[0] + 1) * (
-                        bbgt[3] - bbgt[1] + 1
-                    ) - iw * ih
+                    ua = (
+                        (bb[2] - bb[0] + 1) * (bb[3] - bb[1] + 1)
+                        + (bbgt[2] - bbgt[0] + 1) * (bbgt[3] - bbgt[1] + 1)
+                        - iw * ih
+                    )
                     ov = iw * ih / ua
                     if ov > ovmax:
                         ovmax, jmax = ov, j
@@ -154,16 +154,14 @@ def run(argv: list[str]) -> int:
     n_dets = sum(len(s) for s in dets.scores)
     log.info("%d images, %d classes, %d detections", args.images, args.classes, n_dets)
 
-    t_vec, res_vec = _best_time(
-        lambda: evaluate_voc(gt, dets, class_names, args.metric), args.repeats
-    )
-    t_loop, res_loop = _best_time(
-        lambda: loop_evaluate_voc(gt, dets, class_names, args.metric), args.repeats
-    )
+    t_vec, res_vec = _best_time(lambda: evaluate_voc(gt, dets, class_names, args.metric), args.repeats)
+    t_loop, res_loop = _best_time(lambda: loop_evaluate_voc(gt, dets, class_names, args.metric), args.repeats)
     print(f"{'implementation':<16}{'seconds':>10}{'ratio':>10}")
     for name, seconds in (("vectorised", t_vec), ("loop", t_loop)):
         print(f"{name:<16}{seconds:>10.3f}{seconds / t_vec:>10.2f}")
     same = res_vec.ap == res_loop.ap
-    print(f"mAP ({args.metric}): vectorised {res_vec.map:.6f}, loop {res_loop.map:.6f}, "
-          f"{'identical' if same else 'DIFFERENT'}")
+    print(
+        f"mAP ({args.metric}): vectorised {res_vec.map:.6f}, loop {res_loop.map:.6f}, "
+        f"{'identical' if same else 'DIFFERENT'}"
+    )
     return 0 if same else 1

@@ -193,9 +193,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the fast path's network dtype")
     p.add_argument("--channels-last", action="store_true", help="the fast path's memory format")
     p.add_argument(
-        "--compile", nargs="?", const="default", default=None, metavar="MODE",
-        help="torch.compile the fast path's backbone and head (optionally a mode: reduce-overhead "
-        "adds CUDA graphs)",
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="MODE",
+        help="torch.compile the fast path's backbone and head (optionally a mode: reduce-overhead adds CUDA graphs)",
     )
     p.add_argument("--atol", type=float, default=1.0, help="box tolerance (px) of the detection check")
     return parse_with_tiny(p, argv, TINY, f"a {TINY_ARCH.name} model instead of {R50.name}")

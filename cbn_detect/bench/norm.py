@@ -152,7 +152,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cbn_detect.bench norm", description=__doc__)
     add_device_option(p)
     p.add_argument("--model", default="trunk", choices=MODELS, help="a ResNet trunk (--arch) or a RetinaNet")
-    p.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"], help="--model trunk only")
+    p.add_argument(
+        "--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"], help="--model trunk only"
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=512, help="square image side in pixels")
     p.add_argument("--iters", type=int, default=20, help="timed steps per norm")
@@ -162,7 +164,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--history", action="store_true", help="only build the models and report CBN's history memory")
     p.add_argument(
-        "--norms", type=lambda s: s.split(), default=None,
+        "--norms",
+        type=lambda s: s.split(),
+        default=None,
         help="space-separated norm specs, name[:key=value,...], e.g. 'cbn cbn:fused=off'; default: "
         "every norm, plus CBN's reference path on CUDA (where CBN is compiled by default)",
     )

@@ -160,7 +160,10 @@ def describe_job(cfg: DictConfig, results: dict[str, Any]) -> str:
 
 
 def format_table(rows: list[tuple[str, float, float, int]], wall: float, described: str) -> str:
-    lines = [f"# profile: {described}; wall {wall:.1f} s", f"{'phase':<12}{'seconds':>10}{'share':>9}{'calls':>8}  what"]
+    lines = [
+        f"# profile: {described}; wall {wall:.1f} s",
+        f"{'phase':<12}{'seconds':>10}{'share':>9}{'calls':>8}  what",
+    ]
     for name, seconds, share, count in rows:
         what = PHASES.get(name, "wall time no phase claims" if name == "other" else "")
         lines.append(f"{name:<12}{seconds:>10.2f}{share:>8.1f}%{count:>8}  {what}")
@@ -178,8 +181,11 @@ def as_json(rows: list[tuple[str, float, float, int]], wall: float, described: s
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cbn_detect.bench profile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m cbn_detect.bench profile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the job, as for cbn_detect.train")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the numbers there")
     p.add_argument("--run-dir", type=Path, default=None, help="the job's folder, kept (default: a temporary one)")

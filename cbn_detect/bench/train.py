@@ -166,9 +166,7 @@ def benchmark(args: argparse.Namespace) -> list[tuple[str, float, float, float, 
         variants, args.warmup, args.iters, lambda v, _: timed_train_step(v, loss, args.device, args.dtype == "bf16")
     )
     rates = [args.batch * 1e3 / ms for ms in medians]
-    return [
-        (v.label, v.params_m, ms, rate, rate / rates[0]) for v, ms, rate in zip(variants, medians, rates)
-    ]
+    return [(v.label, v.params_m, ms, rate, rate / rates[0]) for v, ms, rate in zip(variants, medians, rates)]
 
 
 def format_table(rows: list[tuple[str, float, float, float, float]], args: argparse.Namespace) -> str:

@@ -10,14 +10,12 @@ import logging
 import multiprocessing
 import signal
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
-from torchvision.transforms import v2
 
 from cbn_detect.data.seeded import SampleKey, SeededSamples
 from cbn_detect.data.sources import DatasetSource
@@ -40,7 +38,9 @@ def class_names(data_cfg: DictConfig, source: DatasetSource | None = None) -> tu
     return (source or dataset_source(data_cfg)).classes
 
 
-def build_dataset(data_cfg: DictConfig, train: bool, transforms: Transforms | None = None) -> VOCDataset | ConcatDataset:
+def build_dataset(
+    data_cfg: DictConfig, train: bool, transforms: Transforms | None = None
+) -> VOCDataset | ConcatDataset:
     """The training data (augmented by ``transforms``, the instantiated ``augment`` group; None: not
     augmented) or the test split (never augmented: detectors resize inputs themselves and map
     detections back to the image). ``data.train_sets`` (a list of (year, split) pairs, as in
@@ -191,6 +191,10 @@ def start_epoch(loader: DataLoader, epoch: int, done_batches: int) -> None:
 
 def test_loader(dataset: Dataset, batch: int, workers: int) -> DataLoader:
     return DataLoader(
-        dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate,
+        dataset,
+        batch_size=batch,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
         worker_init_fn=_worker_init(workers),
     )

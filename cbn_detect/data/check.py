@@ -57,9 +57,7 @@ def main(argv: Sequence[str] | None = None, config_dir: Path | None = None) -> i
     found = False
     for split in splits:
         try:
-            dataset = VOCDataset(
-                root, split, classes=classes, on_error="skip", year=year, verify_images="full"
-            )
+            dataset = VOCDataset(root, split, classes=classes, on_error="skip", year=year, verify_images="full")
         except DatasetNotFoundError as err:
             _fail(str(err))
             return 2

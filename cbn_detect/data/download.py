@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import shutil
 import sys
 import tarfile
 from collections.abc import Callable, Sequence
@@ -61,9 +60,7 @@ DATASETS: dict[str, tuple[Archive, ...]] = {
         Archive(f"{OFFICIAL}/voc2007/VOCtrainval_06-Nov-2007.tar", "c52e279531787c972589f7e41ab4ae64"),
         Archive(f"{OFFICIAL}/voc2007/VOCtest_06-Nov-2007.tar", "b6e924de25625d8de591ea690078ad9f"),
     ),
-    "voc2012": (
-        Archive(f"{OFFICIAL}/voc2012/VOCtrainval_11-May-2012.tar", "6cd6e144f989b92b3379bac3b3de84fd"),
-    ),
+    "voc2012": (Archive(f"{OFFICIAL}/voc2012/VOCtrainval_11-May-2012.tar", "6cd6e144f989b92b3379bac3b3de84fd"),),
 }
 """torchvision's ``VOCDetection`` archives (``torchvision/datasets/voc.py``); VOC2012 has no public
 test annotations."""

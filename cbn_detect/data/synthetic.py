@@ -129,17 +129,13 @@ def _write_dataset(voc_dir: Path, params: dict, classes: tuple[str, ...]) -> Non
         pixels, objects = _render_image(rng, size, classes)
         image_path = voc_dir / "JPEGImages" / f"{image_id}.jpg"
         Image.fromarray(pixels).save(image_path, quality=JPEG_QUALITY)
-        (voc_dir / "Annotations" / f"{image_id}.xml").write_text(
-            _annotation_xml(image_id, size, objects)
-        )
+        (voc_dir / "Annotations" / f"{image_id}.xml").write_text(_annotation_xml(image_id, size, objects))
     for split, ids in splits.items():
         split_file = voc_dir / "ImageSets" / "Main" / f"{split}.txt"
         split_file.write_text("".join(f"{i}\n" for i in ids))
 
 
-def _render_image(
-    rng: np.random.Generator, size: int, classes: tuple[str, ...]
-) -> tuple[np.ndarray, list[dict]]:
+def _render_image(rng: np.random.Generator, size: int, classes: tuple[str, ...]) -> tuple[np.ndarray, list[dict]]:
     """One image (H, W, 3) uint8 and its objects: name, VOC box (1-based inclusive), difficult."""
     canvas = _background(rng, size)
     owner = np.full((size, size), -1, dtype=np.int64)  # which object each pixel shows
@@ -271,8 +267,12 @@ def _saturated_colour(rng: np.random.Generator) -> np.ndarray:
     x = low + (value - low) * (1 - abs(hue % 2 - 1))
     sector = int(hue)
     rgb = [
-        (value, x, low), (x, value, low), (low, value, x),
-        (low, x, value), (x, low, value), (value, low, x),
+        (value, x, low),
+        (x, value, low),
+        (low, value, x),
+        (low, x, value),
+        (x, low, value),
+        (value, low, x),
     ][sector]
     return np.array(rgb, dtype=np.float64)
 
@@ -311,8 +311,7 @@ def _annotation_xml(image_id: str, size: int, objects: list[dict]) -> str:
             "\t\t<pose>Unspecified</pose>",
             "\t\t<truncated>0</truncated>",
             f"\t\t<difficult>{int(obj['difficult'])}</difficult>",
-            f"\t\t<bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin><xmax>{xmax}</xmax>"
-            f"<ymax>{ymax}</ymax></bndbox>",
+            f"\t\t<bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox>",
             "\t</object>",
         ]
     parts.append("</annotation>")

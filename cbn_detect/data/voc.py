@@ -85,10 +85,7 @@ def resolve_voc_root(root: str | Path, year: str | int | None = None) -> Path:
                 _logged_roots.add(candidate)
                 log.info("reading VOC data from %s", candidate.absolute())
             return candidate
-    looked = "; ".join(
-        f"{c}/{{{','.join(_LAYOUT)}}}{'' if c.is_dir() else ' (no such folder)'}"
-        for c in candidates
-    )
+    looked = "; ".join(f"{c}/{{{','.join(_LAYOUT)}}}{'' if c.is_dir() else ' (no such folder)'}" for c in candidates)
     raise DatasetNotFoundError(
         f"PASCAL VOC{'' if year is None else ' ' + str(year)} not found: looked for {looked}. "
         "Download VOC and set data.root to the VOCdevkit folder that holds VOC2007/ (and VOC2012/ "
@@ -217,9 +214,7 @@ class VOCDataset(Dataset):
                 log.debug("skipping %s: %s", image_id, err)
                 self.problems.add(err.kind, str(err))
         if not records:
-            raise DatasetError(
-                f"{self.root}: no usable image in split {self.split!r}:\n{self.problems.summary()}"
-            )
+            raise DatasetError(f"{self.root}: no usable image in split {self.split!r}:\n{self.problems.summary()}")
         return records
 
     def _read_split_file(self) -> list[str]:
@@ -238,11 +233,7 @@ class VOCDataset(Dataset):
             if not text:
                 continue
             if len(text.split()) != 1 or text in seen:
-                why = (
-                    f"duplicate of line {seen[text]}"
-                    if text in seen
-                    else "expected one image id per line"
-                )
+                why = f"duplicate of line {seen[text]}" if text in seen else "expected one image id per line"
                 self._problem(errors.BAD_SPLIT_LINE, f"{path}:{line_number}: {why}: {text!r}")
                 continue
             seen[text] = line_number
@@ -255,16 +246,14 @@ class VOCDataset(Dataset):
         xml_path = self.root / "Annotations" / f"{image_id}.xml"
         if not xml_path.is_file():
             raise DatasetError(
-                f"{xml_path}: no annotation for image id {image_id!r} listed in split "
-                f"{self.split!r}",
+                f"{xml_path}: no annotation for image id {image_id!r} listed in split {self.split!r}",
                 errors.MISSING_ANNOTATION,
             )
         annotation = parse_annotation(xml_path)
         unknown = unknown_classes(annotation, self.classes)
         if unknown:
             raise DatasetError(
-                f"{xml_path}: unknown class {', '.join(map(repr, unknown))}; known classes: "
-                f"{', '.join(self.classes)}",
+                f"{xml_path}: unknown class {', '.join(map(repr, unknown))}; known classes: {', '.join(self.classes)}",
                 errors.UNKNOWN_CLASS,
             )
         image_path = self.root / "JPEGImages" / f"{image_id}.jpg"
@@ -281,28 +270,21 @@ class VOCDataset(Dataset):
 
     def _check_image(self, image_path: Path, xml_path: Path, size: tuple[int, int]) -> None:
         if not image_path.is_file():
-            raise DatasetError(
-                f"{image_path}: image missing for annotation {xml_path}", errors.MISSING_IMAGE
-            )
+            raise DatasetError(f"{image_path}: image missing for annotation {xml_path}", errors.MISSING_IMAGE)
         try:
             with Image.open(image_path) as image:
                 found = image.size
                 if self.verify_images == "full":
                     image.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise DatasetError(
-                f"{image_path}: corrupt image ({err})", errors.CORRUPT_IMAGE
-            ) from err
+            raise DatasetError(f"{image_path}: corrupt image ({err})", errors.CORRUPT_IMAGE) from err
         if found != size:
             raise DatasetError(
-                f"{image_path}: image is {found[0]}x{found[1]} (WxH) but {xml_path} says "
-                f"{size[0]}x{size[1]}",
+                f"{image_path}: image is {found[0]}x{found[1]} (WxH) but {xml_path} says {size[0]}x{size[1]}",
                 errors.SIZE_MISMATCH,
             )
 
-    def _repair_boxes(
-        self, annotation: Annotation, xml_path: Path
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _repair_boxes(self, annotation: Annotation, xml_path: Path) -> tuple[np.ndarray, np.ndarray]:
         """The training targets' boxes, clipped, and which to keep (repair_boxes); counts both."""
         boxes, clipped, keep = repair_boxes(annotation)
         for i, obj in enumerate(annotation.objects):

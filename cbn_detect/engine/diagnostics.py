@@ -27,11 +27,7 @@ def module_group(param_name: str, groups: Mapping[str, str] | None) -> str:
 
 
 def nonfinite_gradients(model: nn.Module) -> list[str]:
-    return [
-        name
-        for name, p in model.named_parameters()
-        if p.grad is not None and not torch.isfinite(p.grad).all()
-    ]
+    return [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
 
 
 class GradientMonitor:

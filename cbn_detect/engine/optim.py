@@ -18,8 +18,14 @@ from cbn_detect.runtime.iterations import lr_decay_steps, milestone_iters, resol
 log = logging.getLogger("cbn_detect.optim")
 
 __all__ = [
-    "WarmupSchedule", "build_optimizer", "build_scheduler", "lr_decay_steps", "milestone_iters", "peak_multiplier",
-    "scaled_lr", "warn_if_lr_never_peaks",
+    "WarmupSchedule",
+    "build_optimizer",
+    "build_scheduler",
+    "lr_decay_steps",
+    "milestone_iters",
+    "peak_multiplier",
+    "scaled_lr",
+    "warn_if_lr_never_peaks",
 ]
 
 
@@ -112,7 +118,13 @@ def warn_if_lr_never_peaks(schedule: WarmupSchedule, setting: object, base_lr: f
         "optim.warmup.iters=%s is %d warm-up iterations in a run of %d: %s before the warm-up ends, so the lr "
         "peaks at %.3g, %.1f%% of its %.3g; give the warm-up as a fraction of the run (optim.warmup.iters=0.1) "
         "or train longer (train.epochs)",
-        setting, schedule.warmup_iters, schedule.total_iters, why, peak * base_lr, 100 * peak, base_lr,
+        setting,
+        schedule.warmup_iters,
+        schedule.total_iters,
+        why,
+        peak * base_lr,
+        100 * peak,
+        base_lr,
     )
 
 

@@ -51,7 +51,8 @@ def check_batch_statistics(
     if spec.across_processes and world_size == 1:
         log.warning(
             "norm=%s in a single process is plain BN; run several processes (processes=N, torchrun, "
-            "SLURM tasks) to synchronise", norm,
+            "SLURM tasks) to synchronise",
+            norm,
         )
     images = batch * (world_size if spec.across_processes else 1)
     if not spec.batch_statistics or images > 1 or (spec.burnin and burnin == 0):

@@ -129,7 +129,4 @@ def _without_detections(gt_dict: dict[str, Any]) -> dict[str, float]:
     """COCOeval's answer for an empty result list, which pycocotools cannot load: 0 wherever some
     non-crowd object falls in the key's area range, else nothing to average (NaN)."""
     areas = [a["area"] for a in gt_dict["annotations"] if not a["iscrowd"]]
-    return {
-        key: 0.0 if any(lo <= area <= hi for area in areas) else math.nan
-        for key, (lo, hi) in _AREA_RANGES.items()
-    }
+    return {key: 0.0 if any(lo <= area <= hi for area in areas) else math.nan for key, (lo, hi) in _AREA_RANGES.items()}

@@ -45,9 +45,7 @@ class DevkitFormatError(ValueError):
     """A result file (or annotation) the evaluation cannot use; names the file and line."""
 
 
-def detection_file(
-    results_dir: Path, split: str, class_name: str, prefix: str = "comp4_det"
-) -> Path:
+def detection_file(results_dir: Path, split: str, class_name: str, prefix: str = "comp4_det") -> Path:
     """The devkit's name for one class's result file, e.g. comp4_det_test_car.txt."""
     return Path(results_dir) / f"{prefix}_{split}_{class_name}.txt"
 
@@ -71,9 +69,7 @@ def write_detections(
             raise ValueError(f"image id {image_id!r} cannot be written: it must be one word")
         labels = np.asarray(labels, dtype=np.int64)
         if labels.size and (labels.min() < 1 or labels.max() > len(class_names)):
-            raise ValueError(
-                f"image {image_id}: detection labels must lie in 1..{len(class_names)}"
-            )
+            raise ValueError(f"image {image_id}: detection labels must lie in 1..{len(class_names)}")
         # repr() of a Python float is the shortest text that parses back to the same double, so
         # float64 (and float32-derived) scores and the VOC coordinates survive exactly; the
         # devkit examples' "%f" would round scores to 6 decimals, invent ties and reorder them.
@@ -153,17 +149,13 @@ def _parse_result_file(path: Path, index: dict[str, int]) -> tuple[list[int], np
             try:
                 rows.append(list(map(float, fields[1:])))
             except ValueError:
-                raise DevkitFormatError(
-                    f"{where}: expected numbers after the image id, got {line.strip()!r}"
-                ) from None
+                raise DevkitFormatError(f"{where}: expected numbers after the image id, got {line.strip()!r}") from None
             img.append(i)
             line_numbers.append(line_number)
     table = np.array(rows, dtype=np.float64).reshape(-1, 5)
     bad = np.flatnonzero(~np.isfinite(table).all(axis=1))
     if bad.size:
-        raise DevkitFormatError(
-            f"{path}:{line_numbers[bad[0]]}: score and coordinates must be finite numbers"
-        )
+        raise DevkitFormatError(f"{path}:{line_numbers[bad[0]]}: score and coordinates must be finite numbers")
     return img, table
 
 
@@ -184,8 +176,7 @@ def _utf8_text(path: Path, expected: str) -> Iterator[TextIO]:
         except UnicodeDecodeError as err:
             line = raw.count(b"\n", 0, err.start) + 1
             raise DevkitFormatError(
-                f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-                f"{expected}"
+                f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); {expected}"
             ) from None
         raise
 
@@ -259,9 +250,7 @@ def dataset_classes(voc_dir: Path) -> tuple[tuple[str, ...], Path] | None:
     return tuple(classes), path
 
 
-def discover_classes(
-    voc_dir: Path, present: Sequence[str]
-) -> tuple[tuple[str, ...], str]:
+def discover_classes(voc_dir: Path, present: Sequence[str]) -> tuple[tuple[str, ...], str]:
     """The classes to score, in label order, and where they came from, when the user names none:
     the dataset's own metadata; else, when the result files present (``present``, from
     :func:`result_classes`) name a class VOC does not have, those files' classes; else VOC's 20."""

@@ -22,7 +22,10 @@ from cbn_detect.voc import Detections, GroundTruth
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: DataLoader, device: torch.device, progress: ProgressSettings | None = None,
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    progress: ProgressSettings | None = None,
     what: str = "eval",
 ) -> Detections:
     """Detections for every image of the loader, in its (unshuffled) order, in image coordinates.

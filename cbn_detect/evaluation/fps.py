@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -45,7 +46,11 @@ def _timed(device: torch.device, work: Callable[[], object]) -> float:
 
 @torch.no_grad()
 def measure_fps(
-    model: nn.Module, dataset: Dataset, device: torch.device, num_images: int, warmup: int,
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    num_images: int,
+    warmup: int,
     progress: ProgressSettings | None = None,
 ) -> dict[str, Any]:
     """Batch-1 FPS over ``num_images`` images after ``warmup`` untimed ones. ``progress`` counts the
@@ -60,6 +65,9 @@ def measure_fps(
     def load(i: int) -> torch.Tensor:
         return dataset[i][0].as_subclass(torch.Tensor).to(device)
 
+    def run_loaded(i: int) -> object:
+        return model([load(i)])
+
     for i in indices[:warmup]:
         model([load(i)])
     shown = (progress or ProgressSettings()).track("fps", num_images, unit="image")
@@ -68,7 +76,7 @@ def measure_fps(
     for n, i in enumerate(indices[warmup:]):
         image = load(i)  # the model-only pass's input, already in memory
         sample = image if sample is None else sample
-        passes = [("model", lambda: model([image])), ("end_to_end", lambda: model([load(i)]))]
+        passes = [("model", partial(model, [image])), ("end_to_end", partial(run_loaded, i))]
         for name, work in passes if n % 2 == 0 else reversed(passes):
             seconds[name] += _timed(device, work)
         shown.update(1, images=1)
@@ -81,7 +89,8 @@ def measure_fps(
             "FPS timing disturbed: end-to-end %.1f FPS above model-only %.1f FPS, although end-to-end does more "
             "work; another process was busy during the measurement. Time it again on a quiet machine "
             "(python -m cbn_detect.evaluate RUN_DIR) before quoting either number",
-            fps_e2e, fps_model,
+            fps_e2e,
+            fps_model,
         )
     return {
         "fps_model": fps_model,

@@ -35,9 +35,26 @@ DISPLAY_SIDE = 320
 on 128-pixel synthetic images and VOC's 500-pixel ones look alike."""
 
 PALETTE = (
-    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
-    "#7f7f7f", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
-    "#e6550d", "#31a354", "#756bb1", "#636363",
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#9467bd",
+    "#ff7f0e",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#7f7f7f",
+    "#bcbd22",
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+    "#843c39",
+    "#7b4173",
+    "#3182bd",
+    "#e6550d",
+    "#31a354",
+    "#756bb1",
+    "#636363",
 )
 """One colour per class (matplotlib's tab10, then darker tab20b/c shades): a class keeps its colour
 in every picture."""
@@ -93,8 +110,12 @@ def read_image_detections(
                 scores.append(score)
                 labels.append(label)
     return {
-        image_id: (voc_to_xyxy(np.array(b, np.float64).reshape(-1, 4)), np.array(s, np.float64), np.array(l, np.int64))
-        for image_id, (b, s, l) in wanted.items()
+        image_id: (
+            voc_to_xyxy(np.array(image_boxes, np.float64).reshape(-1, 4)),
+            np.array(image_scores, np.float64),
+            np.array(image_labels, np.int64),
+        )
+        for image_id, (image_boxes, image_scores, image_labels) in wanted.items()
     }
 
 
@@ -107,8 +128,13 @@ def as_uint8(image: torch.Tensor) -> torch.Tensor:
 
 
 def load_examples(
-    dataset: Dataset, gt: GroundTruth, detections_dir: Path, split: str, class_names: Sequence[str],
-    indices: Sequence[int], score: float = DEFAULT_SCORE,
+    dataset: Dataset,
+    gt: GroundTruth,
+    detections_dir: Path,
+    split: str,
+    class_names: Sequence[str],
+    indices: Sequence[int],
+    score: float = DEFAULT_SCORE,
 ) -> list[Example]:
     """The images at ``indices`` of the test split (``dataset`` and ``gt`` in the same split order,
     as the evaluation uses them) with the detections of ``detections_dir`` scoring at least ``score``."""
@@ -122,12 +148,18 @@ def load_examples(
         boxes, scores, labels = found[image_id]
         keep = np.flatnonzero(scores >= score)
         keep = keep[np.argsort(-scores[keep], kind="stable")]
-        examples.append(Example(
-            image_id=image_id, image=as_uint8(image),
-            gt_boxes=np.asarray(gt.boxes[index], np.float64).reshape(-1, 4), gt_labels=np.asarray(gt.labels[index]),
-            gt_difficult=np.asarray(gt.difficult[index], bool),
-            boxes=boxes[keep], scores=scores[keep], labels=labels[keep],
-        ))
+        examples.append(
+            Example(
+                image_id=image_id,
+                image=as_uint8(image),
+                gt_boxes=np.asarray(gt.boxes[index], np.float64).reshape(-1, 4),
+                gt_labels=np.asarray(gt.labels[index]),
+                gt_difficult=np.asarray(gt.difficult[index], bool),
+                boxes=boxes[keep],
+                scores=scores[keep],
+                labels=labels[keep],
+            )
+        )
     return examples
 
 
@@ -147,9 +179,7 @@ def _intersects(a: Rect, b: Rect) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def place_labels(
-    boxes: np.ndarray, sizes: Sequence[tuple[int, int]], width: int, height: int
-) -> list[Rect | None]:
+def place_labels(boxes: np.ndarray, sizes: Sequence[tuple[int, int]], width: int, height: int) -> list[Rect | None]:
     """Where each box's label (``sizes``: (w, h) in pixels) goes in a ``width`` x ``height`` picture,
     no two labels sharing a pixel, or None where there is no room.
 
@@ -203,9 +233,16 @@ def _label_font(font: str | None, font_size: int) -> ImageFont.FreeTypeFont | Im
 
 
 def draw_labelled(
-    image: torch.Tensor, boxes: np.ndarray, labels: np.ndarray, class_names: Sequence[str], *,
-    scores: np.ndarray | None = None, difficult: np.ndarray | None = None, side: int | None = DISPLAY_SIDE,
-    font: str | None = None, font_size: int = 11,
+    image: torch.Tensor,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    scores: np.ndarray | None = None,
+    difficult: np.ndarray | None = None,
+    side: int | None = DISPLAY_SIDE,
+    font: str | None = None,
+    font_size: int = 11,
 ) -> Drawing:
     """``image`` (uint8 (3, H, W)) scaled to ``side`` pixels on its longer side (None: as it is), with
     each box in its class's colour (torchvision's ``draw_bounding_boxes``) and its label, the class

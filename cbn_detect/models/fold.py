@@ -63,9 +63,17 @@ def fold_conv_norm(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d:
         raise ValueError(f"cannot fold {type(norm).__name__} into {type(conv).__name__} (see foldable())")
     weight = conv.weight.detach()
     fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
-        device=weight.device, dtype=weight.dtype,
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=weight.device,
+        dtype=weight.dtype,
     )
     wide = torch.float64
     mean, var = norm.running_mean.to(wide), norm.running_var.to(wide)

@@ -73,9 +73,7 @@ def pairwise_iou(gt: Tensor, anchors: Tensor) -> Tensor:
     return inter.div_(union)
 
 
-def match(
-    iou: Tensor, valid: Tensor, high: float, low: float, allow_low_quality_matches: bool
-) -> Tensor:
+def match(iou: Tensor, valid: Tensor, high: float, low: float, allow_low_quality_matches: bool) -> Tensor:
     """torchvision ``Matcher`` over a batch: (N, A) index of each anchor's ground truth, -1 below
     ``low``, -2 between ``low`` and ``high``. ``iou`` (N, G, A) is overwritten (padding -> -1).
 
@@ -107,8 +105,13 @@ def assign(
     step = max(1, IOU_CHUNK_ELEMENTS // per_image)
     return torch.cat(
         [
-            match(pairwise_iou(gt_boxes[s : s + step], anchors[s : s + step]), gt_valid[s : s + step],
-                  high, low, allow_low_quality)
+            match(
+                pairwise_iou(gt_boxes[s : s + step], anchors[s : s + step]),
+                gt_valid[s : s + step],
+                high,
+                low,
+                allow_low_quality,
+            )
             for s in range(0, n, step)
         ]
     )
@@ -176,8 +179,12 @@ def classification_loss(
     per_image = 1.0 / (foreground.sum(dim=1).clamp(min=1) * n)  # (N,)
     weights = (matched != ignore) * per_image[:, None].float()  # (N, A)
     return _FocalLossSum.apply(
-        cls_logits.reshape(n * a, k), weights.reshape(-1), img * a + anchor,
-        gt_labels[img, matched[img, anchor]], alpha, gamma,
+        cls_logits.reshape(n * a, k),
+        weights.reshape(-1),
+        img * a + anchor,
+        gt_labels[img, matched[img, anchor]],
+        alpha,
+        gamma,
     )
 
 
@@ -236,8 +243,9 @@ def _ties_within_groups(group: Tensor, scores: Tensor, n: int, num_classes: int)
     return tied
 
 
-def nms_per_image_and_class(boxes: Tensor, scores: Tensor, img: Tensor, labels: Tensor, num_classes: int,
-                            iou_threshold: float) -> Tensor:
+def nms_per_image_and_class(
+    boxes: Tensor, scores: Tensor, img: Tensor, labels: Tensor, num_classes: int, iou_threshold: float
+) -> Tensor:
     """Indices of ``boxes`` kept by NMS within each (image, class) group, by decreasing score.
 
     Many boxes: ``batched_nms`` with one group per (image, class), which loops over the groups

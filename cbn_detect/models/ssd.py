@@ -145,9 +145,7 @@ def ssd_head(
     """torchvision's ``SSDHead`` (per-map, unshared predictors) with our per-map predictor blocks."""
     head = SSDHead(list(in_channels), list(num_anchors), num_classes)
     head.classification_head = SSDScoringHead(
-        nn.ModuleList(
-            predictor(c, a * num_classes, head_convs, output_norm) for c, a in zip(in_channels, num_anchors)
-        ),
+        nn.ModuleList(predictor(c, a * num_classes, head_convs, output_norm) for c, a in zip(in_channels, num_anchors)),
         num_classes,
     )
     head.regression_head = SSDScoringHead(

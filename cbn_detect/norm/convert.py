@@ -29,9 +29,7 @@ def match_prefix(path: str, table: Mapping[str, str]) -> str | None:
     return table[max(matches, key=len)] if matches else None
 
 
-def convert_norm(
-    module: nn.Module, name: str, where: Iterable[str] | None = None, **cfg: Any
-) -> nn.Module:
+def convert_norm(module: nn.Module, name: str, where: Iterable[str] | None = None, **cfg: Any) -> nn.Module:
     """Replace every BatchNorm-like layer by ``build_norm(name, C, **cfg)``; return the module.
 
     ``where`` (a subset of backbone/fpn/head) restricts the norm to those parts of a detector, as

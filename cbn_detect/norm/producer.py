@@ -38,6 +38,4 @@ class ProducerLink:
 def enable_bias(conv: nn.Conv2d) -> None:
     """Give a conv a zero bias when its norm is removed, since the norm's shift no longer exists."""
     if conv.bias is None:
-        conv.bias = nn.Parameter(
-            torch.zeros(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype)
-        )
+        conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype))

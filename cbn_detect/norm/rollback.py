@@ -44,9 +44,7 @@ class NormRollback:
         self._saved = False
 
     def _running_buffers(self) -> list[Tensor]:
-        return [
-            b for m in self._norms for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None
-        ]
+        return [b for m in self._norms for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
 
     @torch.no_grad()
     def save(self) -> None:

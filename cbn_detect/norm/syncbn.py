@@ -119,8 +119,14 @@ def use_native_sync_batchnorm(module: nn.Module) -> nn.Module:
     """
     if isinstance(module, SyncBatchNorm2d):
         native = nn.SyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-            module.process_group, device=module.weight.device, dtype=module.weight.dtype,
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            module.process_group,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
         )
         native.load_state_dict(module.state_dict())
         native.train(module.training)

@@ -58,7 +58,9 @@ def configure_process_logging(config: dict[str, Any] | None, rank: int) -> None:
     if rank == 0 and config:
         logging.config.dictConfig(config)
         return
-    logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}][%(name)s][%(levelname)s] - %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.WARNING, format=f"[rank {rank}][%(name)s][%(levelname)s] - %(message)s", force=True
+    )
 
 
 def run_processes(count: int, entrypoint: Callable[..., T], *args: Any) -> dict[int, T]:

@@ -102,7 +102,13 @@ class Progress:
     """
 
     def __init__(
-        self, settings: ProgressSettings, what: str, total: int, *, unit: str = "item", initial: int = 0,
+        self,
+        settings: ProgressSettings,
+        what: str,
+        total: int,
+        *,
+        unit: str = "item",
+        initial: int = 0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.settings = settings

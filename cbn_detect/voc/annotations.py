@@ -69,9 +69,7 @@ def parse_annotation(path: Path) -> Annotation:
             f"{path}:{line}:{column}: malformed annotation XML ({err})", errors.MALFORMED_ANNOTATION
         ) from err
     except OSError as err:
-        raise DatasetError(
-            f"{path}: cannot read annotation ({err.strerror})", errors.MISSING_ANNOTATION
-        ) from err
+        raise DatasetError(f"{path}: cannot read annotation ({err.strerror})", errors.MISSING_ANNOTATION) from err
 
     size = _child(root, "size", path)
     width, height = (_number(size, tag, path) for tag in ("width", "height"))
@@ -114,9 +112,7 @@ def _number(parent: ET.Element, tag: str, path: Path) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise DatasetError(
-            f"{path}: <{parent.tag}><{tag}> is not a number: {text!r}", errors.MALFORMED_ANNOTATION
-        )
+        raise DatasetError(f"{path}: <{parent.tag}><{tag}> is not a number: {text!r}", errors.MALFORMED_ANNOTATION)
     return value
 
 
@@ -134,9 +130,7 @@ def object_labels(annotation: Annotation, classes: Sequence[str]) -> np.ndarray:
     return np.array([label_of[o.name] for o in annotation.objects], dtype=np.int64)
 
 
-def devkit_ground_truth(
-    annotations: Iterable[tuple[str, Annotation]], classes: Sequence[str]
-) -> GroundTruth:
+def devkit_ground_truth(annotations: Iterable[tuple[str, Annotation]], classes: Sequence[str]) -> GroundTruth:
     """The evaluation ground truth of (image id, annotation) pairs in split order, as the devkit
     reads it: every object's own box unclipped (none dropped) and its difficult flag, in file order
     (the devkit breaks IoU ties by that order). The one reader behind both the in-run evaluation
