@@ -29,6 +29,22 @@ TINY_RUN = [
 ]
 
 
+def write(path: Path, text: str) -> Path:
+    """Writes `text` as UTF-8 (whatever the locale), making the folders it needs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+@pytest.fixture
+def single_thread():
+    """For tiny models: on shared CPU cores, extra intra-op threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tests never write into the user's ~/.cache or W&B folders."""

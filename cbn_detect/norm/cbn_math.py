@@ -17,7 +17,7 @@ for y = W_s * x + b, see ``CrossIterationBatchNorm2d._push``) instead of a copy 
 history holds one weight-shaped tensor per slot (d E[y^2]/dW) and the contraction with W_t is one
 batched matmul over all slots. The price is a subtraction of two nearly equal numbers: the correction carries an
 absolute error of a few fp32 roundings of |W . g| (about |s|), instead of a few roundings of
-|(W_t - W_s) . g| (see tests/test_norm_precision.py for the measured digits).
+|(W_t - W_s) . g| (see tests/norm/test_norm_precision.py for the measured digits).
 """
 
 from __future__ import annotations

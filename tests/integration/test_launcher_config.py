@@ -16,13 +16,22 @@ def _launcher(*overrides: str) -> DictConfig:
 
 def test_slurm_launcher_asks_one_gpu_per_task_and_takes_cluster_settings() -> None:
     launcher = _launcher(
-        "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.tasks_per_node=4",
-        "hydra.launcher.account=proj42", "hydra.launcher.qos=high", "hydra.launcher.constraint=a100",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.tasks_per_node=4",
+        "hydra.launcher.account=proj42",
+        "hydra.launcher.qos=high",
+        "hydra.launcher.constraint=a100",
         "+hydra.launcher.additional_parameters.mail-type=END",
     )
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert launcher["gpus_per_node"] == launcher["tasks_per_node"] == 4
-    assert (launcher["partition"], launcher["account"], launcher["qos"], launcher["constraint"]) == ("gpu", "proj42", "high", "a100")
+    assert (launcher["partition"], launcher["account"], launcher["qos"], launcher["constraint"]) == (
+        "gpu",
+        "proj42",
+        "high",
+        "a100",
+    )
     assert launcher["additional_parameters"] == {"mail-type": "END"}
     # requeue after the time limit is allowed because train.resume=auto continues from the checkpoint
     assert launcher["max_num_timeout"] > 0 and 0 < launcher["signal_delay_s"] < 600

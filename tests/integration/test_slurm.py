@@ -71,7 +71,9 @@ def slurm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     ports = {"SLURMCTLD_PORT": str(_free_port()), "SLURMD_PORT": str(_free_port())}
     start = time.monotonic()
     try:
-        up = subprocess.run([str(SCRIPT), "up", str(state)], env={**os.environ, **ports}, capture_output=True, text=True, timeout=120)
+        up = subprocess.run(
+            [str(SCRIPT), "up", str(state)], env={**os.environ, **ports}, capture_output=True, text=True, timeout=120
+        )
         if up.returncode != 0:
             logs = "".join(f"\n--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted((state / "log").glob("*.log")))
             pytest.fail(f"slurm_local.sh up failed:\n{up.stderr}{logs}")
@@ -90,7 +92,9 @@ def _jobcomp(env: dict[str, str]) -> list[str]:
 
 
 def _squeue(env: dict[str, str], job: str) -> str:
-    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _show_job(env: dict[str, str], job: str) -> str:
@@ -104,13 +108,27 @@ def _wait(what: str, seconds: float, ready: Callable[[], bool]) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_one_slurm_job_per_grid_point(slurm_env: dict[str, str], tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     finished_before = len(_jobcomp(slurm_env))
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "cbn_detect.train", "-m", "norm=bn,none", f"hydra.sweep.dir={sweep}", *SMALL_JOBS, *TINY_RUN],
-        cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "cbn_detect.train",
+            "-m",
+            "norm=bn,none",
+            f"hydra.sweep.dir={sweep}",
+            *SMALL_JOBS,
+            *TINY_RUN,
+        ],
+        cwd=tmp_path,
+        env=slurm_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     log.info("sweep through SLURM took %.1f s", time.monotonic() - start)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -135,10 +153,13 @@ def test_a_sweep_runs_one_slurm_job_per_grid_point(slurm_env: dict[str, str], tm
     _wait("the job completion records", 30, lambda: len(_jobcomp(slurm_env)) >= finished_before + 2)
     states = [re.search(r"JobState=(\S+)", line).group(1) for line in _jobcomp(slurm_env)[finished_before:]]
     assert states == ["COMPLETED", "COMPLETED"], states
-    shown = subprocess.run(["scontrol", "show", "job", array_id], env=slurm_env, capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        ["scontrol", "show", "job", array_id], env=slurm_env, capture_output=True, text=True, check=True
+    ).stdout
     assert shown.count("JobState=COMPLETED") == 2 and f"ArrayJobId={array_id}" in shown
 
 
+@pytest.mark.slow
 def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm_env: dict[str, str], tmp_path: Path) -> None:
     """SLURM's warning signal -> submitit requeues the job -> train.resume=auto continues where it stopped.
 
@@ -148,8 +169,22 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm_env: dict[str, st
     sweep = tmp_path / "sweep"
     job_dir = sweep / "retinanet_tiny" / "bn" / "batch_4" / "seed_0"
     sweep_proc = subprocess.Popen(
-        [sys.executable, "-m", "cbn_detect.train", "-m", "norm=bn", f"hydra.sweep.dir={sweep}", *SMALL_JOBS, *TINY_RUN, "train.epochs=6"],
-        cwd=tmp_path, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "cbn_detect.train",
+            "-m",
+            "norm=bn",
+            f"hydra.sweep.dir={sweep}",
+            *SMALL_JOBS,
+            *TINY_RUN,
+            "train.epochs=6",
+        ],
+        cwd=tmp_path,
+        env=slurm_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         _wait("the first checkpoint", 180, lambda: (job_dir / "checkpoints" / "last.pt").exists())
@@ -170,10 +205,13 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm_env: dict[str, st
     assert "Restarts=1" in _show_job(slurm_env, task)
     results = json.loads((job_dir / "results.json").read_text())
     assert results["status"] == "completed" and results["steps"] == 6 * 4 and results["epochs"] == 6
-    steps = [json.loads(line)["step"] for line in (job_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    steps = [
+        json.loads(line)["step"] for line in (job_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
+    ]
     assert steps == list(range(1, 25))
 
 
+@pytest.mark.slow
 def test_a_ddp_job_over_two_slurm_tasks_is_requeued_and_resumes(slurm_env: dict[str, str], tmp_path: Path) -> None:
     """Two SLURM tasks of one job form one gloo DDP world (SyncBN across them); requeued by SLURM's
     time-limit warning, both tasks resume from their own checkpoints of the same step."""
@@ -181,9 +219,24 @@ def test_a_ddp_job_over_two_slurm_tasks_is_requeued_and_resumes(slurm_env: dict[
     job_dir = sweep / "retinanet_tiny" / "syncbn" / "batch_4" / "seed_0"
     epochs = 10
     sweep_proc = subprocess.Popen(
-        [sys.executable, "-m", "cbn_detect.train", "-m", "norm=syncbn", f"hydra.sweep.dir={sweep}", *SMALL_JOBS,
-         "hydra.launcher.tasks_per_node=2", *TINY_RUN, f"train.epochs={epochs}", "eval.coco=false"],
-        cwd=tmp_path, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "cbn_detect.train",
+            "-m",
+            "norm=syncbn",
+            f"hydra.sweep.dir={sweep}",
+            *SMALL_JOBS,
+            "hydra.launcher.tasks_per_node=2",
+            *TINY_RUN,
+            f"train.epochs={epochs}",
+            "eval.coco=false",
+        ],
+        cwd=tmp_path,
+        env=slurm_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         _wait("the first checkpoint", 240, lambda: (job_dir / "checkpoints" / "last.pt").exists())
@@ -211,7 +264,9 @@ def test_a_ddp_job_over_two_slurm_tasks_is_requeued_and_resumes(slurm_env: dict[
     assert (results["world_size"], results["batch"], results["total_batch"]) == (2, 4, 8)
     assert results["steps"] == epochs * 16 // 8 and results["epochs"] == epochs  # 16 images, 8 per step
     assert (job_dir / "checkpoints" / "last.rank1.pt").exists()  # each process resumed its own
-    steps = [json.loads(line)["step"] for line in (job_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    steps = [
+        json.loads(line)["step"] for line in (job_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
+    ]
     assert steps == list(range(1, results["steps"] + 1))
     assert not (job_dir / "job.lock").exists()
 
