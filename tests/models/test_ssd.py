@@ -154,8 +154,8 @@ def test_a_tiny_ssd_run_writes_results(tmp_path: Path) -> None:
     # values that could be wrong, recomputed another way: the mAP by test_voc_ap's plain-loop
     # devkit reference on the run's detection files and the test split's XML; the loss variance by
     # numpy on the last epoch's losses in metrics.jsonl
-    from tests.helpers.voc_reference import reference_ap
     from tests.engine.test_train import _devkit_inputs
+    from tests.helpers.voc_reference import reference_ap
 
     names = class_names(cfg.data)
     gt, dets = _devkit_inputs(tmp_path / "detections", cfg.data, names)
